@@ -1,0 +1,180 @@
+"""The feature engine: per-layer squared gradient norms for all contrast labels in one pass.
+
+For an input x, a classifier f with N classes and each one-hot contrast label y_c, the loss is
+J_c = CE(f(x), y_c) and the feature is ||∂J_c/∂θ_l||² for every parameterized layer l (weight
+and bias together): an N × L matrix per sample. The classifier is never updated.
+
+How it is done in one batched pass instead of N·B backward passes:
+1. one forward of the batch, with forward hooks recording each layer's input and output;
+2. since ∂J_c/∂z = softmax(z) − e_c, all N labels' cotangents are stacked and pushed back in one
+   vectorized backward (``is_grads_batched``) to the layer outputs only — parameter gradients
+   are never formed, and activations are shared by all labels;
+3. each layer's per-sample norms come from its input and output gradient in closed form
+   (``layer_norms``), with a generic per-layer VJP fallback for unknown layer types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from detectors.layer_norms import LayerNormFn, norm_fn_for
+
+LabelMode = Literal["onehot", "confounding"]
+
+
+def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules owning parameters, in the order of ``model.named_parameters()``.
+
+    A layer's name is the prefix before ``.weight``/``.bias`` in ``named_parameters()``.
+    """
+    modules = dict(model.named_modules())
+    layers: dict[str, nn.Module] = {}
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        prefix = param_name.rpartition(".")[0]
+        layers.setdefault(prefix, modules[prefix])
+    return list(layers.items())
+
+
+@dataclass
+class _Capture:
+    inputs: tuple[Tensor, ...] | None = None
+    output: Tensor | None = None
+    calls: int = 0
+
+
+class GradientFeatures:
+    """Exact per-layer squared gradient norms of every contrast label, batched.
+
+    Args:
+        model: the classifier, returning logits of shape (B, N). It is never modified: its
+            parameters, their ``.grad`` and every module's train/eval flag are left as found.
+            Features are computed with the model in eval mode.
+        labels: ``"onehot"`` backpropagates each of the N one-hot labels (features (B, N, L));
+            ``"confounding"`` backpropagates one all-ones label (features (B, 1, L)), the
+            Introspective Learning variant.
+        max_batch: samples per internal chunk, bounding memory to about
+            max_batch × N × (activation size); ``None`` means the whole batch at once.
+
+    Works on whatever device the model is on, and also when called inside ``torch.no_grad()``
+    or ``torch.inference_mode()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        labels: LabelMode = "onehot",
+        max_batch: int | None = 64,
+    ) -> None:
+        if labels not in ("onehot", "confounding"):
+            raise ValueError(f"labels must be 'onehot' or 'confounding', got {labels!r}")
+        self.model = model
+        self.labels = labels
+        self.max_batch = max_batch
+        self._layers = parameterized_layers(model)
+        if not self._layers:
+            raise ValueError("the model has no trainable parameters to take gradients of")
+        self._norm_fns: list[LayerNormFn] = [norm_fn_for(m) for _, m in self._layers]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the L feature columns, as prefixes of ``named_parameters()``."""
+        return [name for name, _ in self._layers]
+
+    def compute(self, x: Tensor) -> Tensor:
+        """Features of shape (B, N, L) (or (B, 1, L) for ``labels="confounding"``), float32."""
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"expected a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+        device = _model_device(self.model)
+        with torch.inference_mode(False), torch.enable_grad(), _eval_mode(self.model):
+            # Inference tensors cannot be saved for backward: take a normal copy.
+            x = x.detach().clone().to(device=device, dtype=torch.float32)
+            step = self.max_batch or x.shape[0]
+            chunks = [self._compute_chunk(x[i : i + step]) for i in range(0, x.shape[0], step)]
+        return torch.cat(chunks).float()
+
+    __call__ = compute
+
+    def _compute_chunk(self, x: Tensor) -> Tensor:
+        captures = [_Capture() for _ in self._layers]
+        handles = [
+            module.register_forward_hook(_recorder(capture))
+            for (_, module), capture in zip(self._layers, captures, strict=True)
+        ]
+        try:
+            logits = self.model(x.requires_grad_(True))
+        finally:
+            for handle in handles:
+                handle.remove()
+        for (name, _), capture in zip(self._layers, captures, strict=True):
+            if capture.calls != 1:
+                raise NotImplementedError(
+                    f"layer {name!r} ran {capture.calls} times in one forward; layers that are "
+                    "skipped or reused (weight sharing) are not supported"
+                )
+        cotangents = self._cotangents(logits.detach())
+        # One vectorized backward for all labels, to the layer outputs only. (Replicating the
+        # batch once per label and running a plain backward was measured 1.5-2x slower.)
+        deltas = torch.autograd.grad(
+            logits,
+            [capture.output for capture in captures],
+            grad_outputs=cotangents,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        columns = []
+        for fn, (_, module), capture, delta in zip(
+            self._norm_fns, self._layers, captures, deltas, strict=True
+        ):
+            if delta is None:  # the layer does not reach the logits
+                columns.append(cotangents.new_zeros(cotangents.shape[:2]))
+                continue
+            with torch.no_grad():
+                columns.append(fn(module, capture.inputs, delta.detach()))
+        return torch.stack(columns, dim=-1).transpose(0, 1)  # (N, B, L) -> (B, N, L)
+
+    def _cotangents(self, logits: Tensor) -> Tensor:
+        """∂J/∂z per label, shape (labels, B, N): softmax − onehot, or N·softmax − 1."""
+        probs = torch.softmax(logits, dim=-1)
+        n_classes = logits.shape[-1]
+        if self.labels == "confounding":
+            return (n_classes * probs - 1.0).unsqueeze(0)
+        eye = torch.eye(n_classes, dtype=probs.dtype, device=probs.device)
+        return probs.unsqueeze(0) - eye.unsqueeze(1)
+
+
+def _recorder(capture: _Capture):
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        capture.calls += 1
+        capture.inputs = tuple(t.detach() for t in inputs)
+        capture.output = output
+        # Hand the rest of the network a copy, so that in-place ops downstream (ReLU(inplace))
+        # cannot overwrite the tensor whose gradient we ask for.
+        return output.clone()
+
+    return hook
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training

@@ -1,0 +1,218 @@
+"""The ``gradprobe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from service.inputs import EXPECTED, InvalidInput
+
+DESCRIPTION = """\
+GradProbe tells when an image classifier's input is novel (out-of-distribution, corrupted or
+adversarial), from the gradients of all contrast labels backpropagated through the classifier.
+
+The default deployment is a Fashion-MNIST CNN, built reproducibly on first use and cached under
+$GRADPROBE_HOME (default ~/.cache/gradprobe). Images are float32 (B, 1, 28, 28) in [0, 1] or
+uint8 (B, 28, 28), saved with numpy.save.
+"""
+
+EPILOG = """\
+examples:
+  gradprobe info --json
+  gradprobe features --images batch.npy --output features.npy
+  gradprobe demo
+"""
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called; reported in one line, exit status 2."""
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    return name
+
+
+def _load(args: argparse.Namespace):
+    from service.artifacts import ensure_default_model
+    from service.classifier import load_classifier
+
+    model_dir = args.model_dir or ensure_default_model(quiet=args.quiet)
+    return load_classifier(model_dir, device=_device(args.device))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    manifest = loaded.manifest
+    info = {
+        "classifier": str(loaded.path),
+        "format": manifest.format,
+        "sha256": manifest.sha256,
+        "architecture": manifest.architecture,
+        "input_shape": manifest.input_shape,
+        "input_dtype": manifest.input_dtype,
+        "classes": manifest.classes,
+        "layers": manifest.layers,
+        "test_accuracy": manifest.test_accuracy,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from detectors.gradients import GradientFeatures
+
+    images = _read_images(args.images)
+    loaded = _load(args)
+    engine = GradientFeatures(loaded.module, labels=args.labels, max_batch=args.batch_size)
+    if engine.layer_names != loaded.manifest.layers:
+        raise UsageError("the model's layers differ from its manifest; rebuild the artifact")
+    import torch
+
+    chunks = []
+    steps = range(0, len(images), args.batch_size)
+    for start in tqdm(steps, desc="gradient features", unit="batch",
+                      disable=args.quiet or len(steps) < 2, file=sys.stderr):
+        batch = torch.from_numpy(images[start : start + args.batch_size])
+        chunks.append(engine.compute(batch).cpu().numpy())
+    features = np.concatenate(chunks).astype(np.float32)
+    np.save(args.output, features)
+    if not args.quiet:
+        print(f"wrote {args.output}: {features.dtype} {features.shape} "
+              f"(images, labels, layers = {', '.join(engine.layer_names)})", file=sys.stderr)
+    return 0
+
+
+def cmd_train_model(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from service.artifacts import build_default_model, ensure_default_model
+    from service.classifier import TrainingRecipe
+
+    recipe = TrainingRecipe()
+    custom = replace(recipe, seed=args.seed if args.seed is not None else recipe.seed,
+                     epochs=args.epochs if args.epochs is not None else recipe.epochs)
+    if args.output_dir is not None:
+        if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
+            raise UsageError(f"{args.output_dir} is not empty; pass --force to replace it")
+        path = build_default_model(args.output_dir, custom, quiet=args.quiet)
+    elif custom != recipe:
+        raise UsageError("--seed/--epochs build a custom model: give it an --output-dir")
+    else:
+        path = ensure_default_model(force=args.force, quiet=args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return run_demo(_load(args), per_set=args.per_set, plot=args.plot, quiet=args.quiet)
+
+
+def _read_images(path: Path) -> np.ndarray:
+    from service.inputs import load_images
+
+    return load_images(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradprobe",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model-dir", type=Path, default=None,
+                        help="classifier folder (classifier.pt2 + manifest.json); "
+                        "default: the built-in Fashion-MNIST model, built if absent")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where gradients are computed (default: cuda when present)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or notes on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", parents=[common], help="describe the classifier in use",
+                          description="Describe the classifier: artifact, input, classes and "
+                          "the layers whose gradient norms form the feature columns.")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_info)
+
+    feats = sub.add_parser(
+        "features", parents=[common], help="per-layer gradient norms of every contrast label",
+        description="Compute F[b, c, l] = ||dCE(f(x_b), onehot(c)) / dθ_l||² for every image "
+        "b, class c and parameterized layer l (layers in the order of `info`).",
+    )
+    feats.add_argument("--images", type=Path, required=True, help=f".npy file: {EXPECTED}")
+    feats.add_argument("--output", type=Path, required=True,
+                       help=".npy file to write: float32 (B, N, L), or (B, 1, L) for "
+                       "--labels confounding")
+    feats.add_argument("--labels", choices=("onehot", "confounding"), default="onehot",
+                       help="onehot: all N contrast labels (default); confounding: one "
+                       "all-ones label")
+    feats.add_argument("--batch-size", type=int, default=64,
+                       help="images per gradient pass (memory ~ batch × classes)")
+    feats.set_defaults(func=cmd_features)
+
+    train = sub.add_parser(
+        "train-model", parents=[common], help="(re)build the default classifier",
+        description="Train the default Fashion-MNIST CNN reproducibly (fixed seed) from the "
+        "Debian package dataset-fashion-mnist and export it with its manifest.",
+    )
+    train.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    train.add_argument("--output-dir", type=Path, default=None,
+                       help="build into this folder instead of the cache")
+    train.add_argument("--seed", type=int, default=None, help="custom seed (needs --output-dir)")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="custom epoch count (needs --output-dir)")
+    train.set_defaults(func=cmd_train_model)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="show what the gradients see on clean and novel images",
+        description="Build the default model if absent, then compute gradient features for "
+        "clean Fashion-MNIST test images and for out-of-distribution, corrupted and "
+        "adversarial images, and print how far each set sits from the clean one.",
+    )
+    demo.add_argument("--per-set", type=int, default=200, help="images per set (default 200)")
+    demo.add_argument("--plot", type=Path, default=None,
+                      help="also save a PNG of the feature distributions here")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from detectors.datasets import DatasetMissing
+    from service.classifier import ArtifactError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        return args.func(args)
+    except (InvalidInput, UsageError, ArtifactError, DatasetMissing) as exc:
+        print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
