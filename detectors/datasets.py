@@ -65,7 +65,7 @@ def read_idx(path: Path) -> np.ndarray:
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values")
-    return array.reshape(dims)
+    return array.reshape(dims).copy()  # writable, so torch.from_numpy is safe
 
 
 def load_fashion_mnist(split: str, root: Path | None = None) -> Split:

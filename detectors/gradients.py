@@ -16,7 +16,7 @@ How it is done in one batched pass instead of N·B backward passes:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,8 +60,10 @@ class GradientFeatures:
         labels: ``"onehot"`` backpropagates each of the N one-hot labels (features (B, N, L));
             ``"confounding"`` backpropagates one all-ones label (features (B, 1, L)), the
             Introspective Learning variant.
-        max_batch: samples per internal chunk, bounding memory to about
-            max_batch × N × (activation size); ``None`` means the whole batch at once.
+        max_batch: samples per internal chunk. Memory grows as chunk × N × (activation size
+            of the parameterized layers); ``None`` picks the largest chunk whose output
+            gradients fit in ``memory_budget_mb``.
+        memory_budget_mb: the budget used when ``max_batch`` is ``None``.
 
     Works on whatever device the model is on, and also when called inside ``torch.no_grad()``
     or ``torch.inference_mode()``.
@@ -72,13 +74,16 @@ class GradientFeatures:
         model: nn.Module,
         *,
         labels: LabelMode = "onehot",
-        max_batch: int | None = 64,
+        max_batch: int | None = None,
+        memory_budget_mb: float = 256.0,
     ) -> None:
         if labels not in ("onehot", "confounding"):
             raise ValueError(f"labels must be 'onehot' or 'confounding', got {labels!r}")
         self.model = model
         self.labels = labels
         self.max_batch = max_batch
+        self.memory_budget_mb = memory_budget_mb
+        self._chunk_for_shape: dict[tuple[int, ...], int] = {}
         self._layers = parameterized_layers(model)
         if not self._layers:
             raise ValueError("the model has no trainable parameters to take gradients of")
@@ -97,7 +102,7 @@ class GradientFeatures:
         with torch.inference_mode(False), torch.enable_grad(), _eval_mode(self.model):
             # Inference tensors cannot be saved for backward: take a normal copy.
             x = x.detach().clone().to(device=device, dtype=torch.float32)
-            step = self.max_batch or x.shape[0]
+            step = self.max_batch or self._auto_chunk(x)
             chunks = [self._compute_chunk(x[i : i + step]) for i in range(0, x.shape[0], step)]
         return torch.cat(chunks).float()
 
@@ -141,6 +146,29 @@ class GradientFeatures:
                 columns.append(fn(module, capture.inputs, delta.detach()))
         return torch.stack(columns, dim=-1).transpose(0, 1)  # (N, B, L) -> (B, N, L)
 
+    def _auto_chunk(self, x: Tensor) -> int:
+        """Samples per chunk so that N output gradients per layer fit the memory budget."""
+        shape = tuple(x.shape[1:])
+        if shape not in self._chunk_for_shape:
+            sizes: list[int] = []
+            handles = [
+                module.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
+                for _, module in self._layers
+            ]
+            try:
+                with torch.no_grad():
+                    n_classes = self.model(x[:1]).shape[-1]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            n_labels = 1 if self.labels == "confounding" else n_classes
+            # Output gradients of every layer, plus as much again for the backward's own
+            # intermediates, for every label, in float32.
+            per_sample = 2 * 4 * n_labels * sum(sizes)
+            budget = self.memory_budget_mb * 2**20
+            self._chunk_for_shape[shape] = max(1, int(budget // per_sample))
+        return self._chunk_for_shape[shape]
+
     def _cotangents(self, logits: Tensor) -> Tensor:
         """∂J/∂z per label, shape (labels, B, N): softmax − onehot, or N·softmax − 1."""
         probs = torch.softmax(logits, dim=-1)
@@ -151,7 +179,7 @@ class GradientFeatures:
         return probs.unsqueeze(0) - eye.unsqueeze(1)
 
 
-def _recorder(capture: _Capture):
+def _recorder(capture: _Capture) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         capture.calls += 1
         capture.inputs = tuple(t.detach() for t in inputs)

@@ -162,8 +162,10 @@ def norm_fn_for(module: nn.Module) -> LayerNormFn:
     """The exact closed form for this layer type, or the generic fallback."""
     if type(module) is nn.Linear:
         return linear_sq_norms
-    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(
-        module.padding, str
+    if (
+        type(module) is nn.Conv2d
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
     ):
         return conv2d_sq_norms
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:

@@ -67,8 +67,9 @@ def build_default_model(
     recipe = recipe or TrainingRecipe()
     train = datasets.load_fashion_mnist("train")
     test = datasets.load_fashion_mnist("test")
-    with tqdm(total=1, desc="training the default classifier", unit="step",
-              disable=quiet, file=sys.stderr) as bar:
+    with tqdm(
+        total=1, desc="training the default classifier", unit="step", disable=quiet, file=sys.stderr
+    ) as bar:
 
         def progress(done: int, total: int, loss: float) -> None:
             bar.total = total
@@ -95,8 +96,10 @@ def build_default_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not quiet:
-        print(f"default classifier: test accuracy {test_accuracy:.2%}, saved in {out_dir}",
-              file=sys.stderr)
+        print(
+            f"default classifier: test accuracy {test_accuracy:.2%}, saved in {out_dir}",
+            file=sys.stderr,
+        )
     return out_dir
 
 

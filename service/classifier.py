@@ -158,8 +158,9 @@ def train_classifier(
             optimizer.step()
             schedule.step()
             if progress is not None:
-                progress(epoch * steps_per_epoch + step + 1, recipe.epochs * steps_per_epoch,
-                         loss.item())
+                progress(
+                    epoch * steps_per_epoch + step + 1, recipe.epochs * steps_per_epoch, loss.item()
+                )
     return model.eval()
 
 
@@ -237,8 +238,9 @@ def load_classifier(model_dir: Path, device: str | torch.device = "cpu") -> Load
     module = module.eval().to(device)
     exported = program.module().to(device)
     _check_agreement(module, exported, device)
-    return LoadedClassifier(model_dir=model_dir, manifest=manifest, module=module,
-                            exported=exported)
+    return LoadedClassifier(
+        model_dir=model_dir, manifest=manifest, module=module, exported=exported
+    )
 
 
 def _check_agreement(module: nn.Module, exported: nn.Module, device: str | torch.device) -> None:

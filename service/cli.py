@@ -7,10 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.inputs import EXPECTED, InvalidInput
+
+if TYPE_CHECKING:
+    from service.classifier import LoadedClassifier
 
 DESCRIPTION = """\
 GradProbe tells when an image classifier's input is novel (out-of-distribution, corrupted or
@@ -43,7 +47,7 @@ def _device(name: str) -> str:
     return name
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> LoadedClassifier:
     from service.artifacts import ensure_default_model
     from service.classifier import load_classifier
 
@@ -89,15 +93,23 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     chunks = []
     steps = range(0, len(images), args.batch_size)
-    for start in tqdm(steps, desc="gradient features", unit="batch",
-                      disable=args.quiet or len(steps) < 2, file=sys.stderr):
+    for start in tqdm(
+        steps,
+        desc="gradient features",
+        unit="batch",
+        disable=args.quiet or len(steps) < 2,
+        file=sys.stderr,
+    ):
         batch = torch.from_numpy(images[start : start + args.batch_size])
         chunks.append(engine.compute(batch).cpu().numpy())
     features = np.concatenate(chunks).astype(np.float32)
     np.save(args.output, features)
     if not args.quiet:
-        print(f"wrote {args.output}: {features.dtype} {features.shape} "
-              f"(images, labels, layers = {', '.join(engine.layer_names)})", file=sys.stderr)
+        print(
+            f"wrote {args.output}: {features.dtype} {features.shape} "
+            f"(images, labels, layers = {', '.join(engine.layer_names)})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -108,8 +120,11 @@ def cmd_train_model(args: argparse.Namespace) -> int:
     from service.classifier import TrainingRecipe
 
     recipe = TrainingRecipe()
-    custom = replace(recipe, seed=args.seed if args.seed is not None else recipe.seed,
-                     epochs=args.epochs if args.epochs is not None else recipe.epochs)
+    custom = replace(
+        recipe,
+        seed=args.seed if args.seed is not None else recipe.seed,
+        epochs=args.epochs if args.epochs is not None else recipe.epochs,
+    )
     if args.output_dir is not None:
         if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
             raise UsageError(f"{args.output_dir} is not empty; pass --force to replace it")
@@ -142,59 +157,91 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model-dir", type=Path, default=None,
-                        help="classifier folder (classifier.pt2 + manifest.json); "
-                        "default: the built-in Fashion-MNIST model, built if absent")
-    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where gradients are computed (default: cuda when present)")
-    common.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars or notes on stderr")
+    common.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="classifier folder (classifier.pt2 + manifest.json); "
+        "default: the built-in Fashion-MNIST model, built if absent",
+    )
+    common.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where gradients are computed (default: cuda when present)",
+    )
+    common.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or notes on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", parents=[common], help="describe the classifier in use",
-                          description="Describe the classifier: artifact, input, classes and "
-                          "the layers whose gradient norms form the feature columns.")
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="describe the classifier in use",
+        description="Describe the classifier: artifact, input, classes and "
+        "the layers whose gradient norms form the feature columns.",
+    )
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
     feats = sub.add_parser(
-        "features", parents=[common], help="per-layer gradient norms of every contrast label",
+        "features",
+        parents=[common],
+        help="per-layer gradient norms of every contrast label",
         description="Compute F[b, c, l] = ||dCE(f(x_b), onehot(c)) / dθ_l||² for every image "
         "b, class c and parameterized layer l (layers in the order of `info`).",
     )
     feats.add_argument("--images", type=Path, required=True, help=f".npy file: {EXPECTED}")
-    feats.add_argument("--output", type=Path, required=True,
-                       help=".npy file to write: float32 (B, N, L), or (B, 1, L) for "
-                       "--labels confounding")
-    feats.add_argument("--labels", choices=("onehot", "confounding"), default="onehot",
-                       help="onehot: all N contrast labels (default); confounding: one "
-                       "all-ones label")
-    feats.add_argument("--batch-size", type=int, default=64,
-                       help="images per gradient pass (memory ~ batch × classes)")
+    feats.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help=".npy file to write: float32 (B, N, L), or (B, 1, L) for --labels confounding",
+    )
+    feats.add_argument(
+        "--labels",
+        choices=("onehot", "confounding"),
+        default="onehot",
+        help="onehot: all N contrast labels (default); confounding: one all-ones label",
+    )
+    feats.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per gradient pass (memory ~ batch × classes)",
+    )
     feats.set_defaults(func=cmd_features)
 
     train = sub.add_parser(
-        "train-model", parents=[common], help="(re)build the default classifier",
+        "train-model",
+        parents=[common],
+        help="(re)build the default classifier",
         description="Train the default Fashion-MNIST CNN reproducibly (fixed seed) from the "
         "Debian package dataset-fashion-mnist and export it with its manifest.",
     )
     train.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    train.add_argument("--output-dir", type=Path, default=None,
-                       help="build into this folder instead of the cache")
+    train.add_argument(
+        "--output-dir", type=Path, default=None, help="build into this folder instead of the cache"
+    )
     train.add_argument("--seed", type=int, default=None, help="custom seed (needs --output-dir)")
-    train.add_argument("--epochs", type=int, default=None,
-                       help="custom epoch count (needs --output-dir)")
+    train.add_argument(
+        "--epochs", type=int, default=None, help="custom epoch count (needs --output-dir)"
+    )
     train.set_defaults(func=cmd_train_model)
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="show what the gradients see on clean and novel images",
+        "demo",
+        parents=[common],
+        help="show what the gradients see on clean and novel images",
         description="Build the default model if absent, then compute gradient features for "
         "clean Fashion-MNIST test images and for out-of-distribution, corrupted and "
         "adversarial images, and print how far each set sits from the clean one.",
     )
     demo.add_argument("--per-set", type=int, default=200, help="images per set (default 200)")
-    demo.add_argument("--plot", type=Path, default=None,
-                      help="also save a PNG of the feature distributions here")
+    demo.add_argument(
+        "--plot", type=Path, default=None, help="also save a PNG of the feature distributions here"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

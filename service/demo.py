@@ -57,8 +57,9 @@ def challenge_sets(loaded: LoadedClassifier, per_set: int, seed: int = 0) -> dic
     digits = digits[rng.choice(len(digits), size=per_set, replace=False)][:, None]
     noisy = corrupt(spare_x, "noise", 3, seed=seed)
     blurred = corrupt(spare_x, "gaussian_blur", 3, seed=seed)
-    adversarial = fgsm(loaded.module, torch.from_numpy(spare_x), torch.from_numpy(spare_y),
-                       eps=0.1).numpy()
+    adversarial = fgsm(
+        loaded.module, torch.from_numpy(spare_x), torch.from_numpy(spare_y), eps=0.1
+    ).numpy()
     return {
         "clean (Fashion-MNIST test)": (clean_x, clean_y),
         "ood: MNIST digits": (digits.astype(np.float32), None),
@@ -68,8 +69,13 @@ def challenge_sets(loaded: LoadedClassifier, per_set: int, seed: int = 0) -> dic
     }
 
 
-def assess_set(loaded: LoadedClassifier, engine: GradientFeatures, name: str,
-               images: np.ndarray, labels: np.ndarray | None) -> SetReport:
+def assess_set(
+    loaded: LoadedClassifier,
+    engine: GradientFeatures,
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+) -> SetReport:
     x = torch.from_numpy(images)
     with torch.no_grad():
         probs = torch.softmax(loaded.module(x), dim=-1).numpy()
@@ -85,8 +91,9 @@ def assess_set(loaded: LoadedClassifier, engine: GradientFeatures, name: str,
     )
 
 
-def run_demo(loaded: LoadedClassifier, per_set: int = 200, plot: Path | None = None,
-             quiet: bool = False) -> int:
+def run_demo(
+    loaded: LoadedClassifier, per_set: int = 200, plot: Path | None = None, quiet: bool = False
+) -> int:
     from sklearn.metrics import roc_auc_score
     from tqdm import tqdm
 
@@ -94,8 +101,9 @@ def run_demo(loaded: LoadedClassifier, per_set: int = 200, plot: Path | None = N
     sets = challenge_sets(loaded, per_set)
     reports = [
         assess_set(loaded, engine, name, images, labels)
-        for name, (images, labels) in tqdm(sets.items(), desc="assessing", unit="set",
-                                           disable=quiet, file=sys.stderr)
+        for name, (images, labels) in tqdm(
+            sets.items(), desc="assessing", unit="set", disable=quiet, file=sys.stderr
+        )
     ]
     clean = reports[0]
     print(f"classifier: {loaded.path} (test accuracy {loaded.manifest.test_accuracy:.2%})")

@@ -17,7 +17,11 @@ class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(3 * 6 * 6, 32), nn.Tanh(), nn.Linear(32, 16), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 6 * 6, 32),
+            nn.Tanh(),
+            nn.Linear(32, 16),
+            nn.ReLU(),
             nn.Linear(16, 7, bias=False),
         )
 
@@ -169,6 +173,16 @@ def test_chunking_does_not_change_features() -> None:
     torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=0)
 
 
+def test_automatic_chunks_follow_the_memory_budget() -> None:
+    model, shape = _build("resnet_bn")
+    x = torch.rand(9, *shape)
+    whole = GradientFeatures(model, max_batch=None, memory_budget_mb=1e6)
+    tight = GradientFeatures(model, max_batch=None, memory_budget_mb=0.05)
+    torch.testing.assert_close(whole.compute(x), tight.compute(x), rtol=1e-5, atol=0)
+    assert whole._auto_chunk(x) >= 9
+    assert 1 <= tight._auto_chunk(x) < 9
+
+
 def test_features_do_not_depend_on_the_rest_of_the_batch() -> None:
     model, shape = _build("resnet_bn")
     x = torch.rand(6, *shape)
@@ -279,8 +293,9 @@ def test_closed_forms_are_chosen_for_known_layers() -> None:
 def test_strided_unfold_equals_torch_unfold(kernel, stride, padding, dilation) -> None:
     conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
     a = torch.rand(2, 3, 11, 10)
-    expected = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                        stride=conv.stride)
+    expected = F.unfold(
+        a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+    )
     assert torch.equal(unfold(a, conv), expected)
 
 

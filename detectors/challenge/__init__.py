@@ -1,0 +1,27 @@
+"""Challenge data: corrupted (CURE-TSR-style) and out-of-distribution 28x28 images."""
+
+from detectors.challenge.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    corrupt,
+    plot_corruption_grid,
+)
+from detectors.challenge.ood import (
+    OOD_SETS,
+    font_letters,
+    letter_fonts,
+    mnist_digits,
+    natural_patches,
+)
+
+__all__ = [
+    "CORRUPTIONS",
+    "OOD_SETS",
+    "SEVERITIES",
+    "corrupt",
+    "font_letters",
+    "letter_fonts",
+    "mnist_digits",
+    "natural_patches",
+    "plot_corruption_grid",
+]

@@ -1,0 +1,22 @@
+"""Shared fixtures. The default artifacts are built once per content (cached under
+$GRADPROBE_HOME) and shared by every test that needs them, never rebuilt per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from service.artifacts import ensure_default_model
+
+    return ensure_default_model(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def default_classifier(default_model_dir: Path):
+    from service.classifier import load_classifier
+
+    return load_classifier(default_model_dir)
