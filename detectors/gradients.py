@@ -16,6 +16,7 @@ How it is done in one batched pass instead of N·B backward passes:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +42,17 @@ def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         prefix = param_name.rpartition(".")[0]
         layers.setdefault(prefix, modules[prefix])
     return list(layers.items())
+
+
+@dataclass
+class GradientSignals:
+    """One pass's outputs: features (B, N|1, L), logits (B, N), embeddings (B, D) (the input
+    of the last parameterized layer), and wall time per stage in milliseconds."""
+
+    features: Tensor
+    logits: Tensor
+    embeddings: Tensor
+    timings_ms: dict[str, float]
 
 
 @dataclass
@@ -96,19 +108,30 @@ class GradientFeatures:
 
     def compute(self, x: Tensor) -> Tensor:
         """Features of shape (B, N, L) (or (B, 1, L) for ``labels="confounding"``), float32."""
+        return self.signals(x).features
+
+    __call__ = compute
+
+    def signals(self, x: Tensor) -> GradientSignals:
+        """Features plus what the same forward pass gives for free: logits and embeddings."""
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"expected a non-empty batch (B, ...), got shape {tuple(x.shape)}")
         device = _model_device(self.model)
+        timings = {"forward": 0.0, "gradients": 0.0}
         with torch.inference_mode(False), torch.enable_grad(), _eval_mode(self.model):
             # Inference tensors cannot be saved for backward: take a normal copy.
             x = x.detach().clone().to(device=device, dtype=torch.float32)
             step = self.max_batch or self._auto_chunk(x)
-            chunks = [self._compute_chunk(x[i : i + step]) for i in range(0, x.shape[0], step)]
-        return torch.cat(chunks).float()
+            parts = [
+                self._compute_chunk(x[i : i + step], timings) for i in range(0, x.shape[0], step)
+            ]
+        features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
+        return GradientSignals(features.float(), logits, embeddings, timings)
 
-    __call__ = compute
-
-    def _compute_chunk(self, x: Tensor) -> Tensor:
+    def _compute_chunk(
+        self, x: Tensor, timings: dict[str, float]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        start = time.perf_counter()
         captures = [_Capture() for _ in self._layers]
         handles = [
             module.register_forward_hook(_recorder(capture))
@@ -125,6 +148,8 @@ class GradientFeatures:
                     f"layer {name!r} ran {capture.calls} times in one forward; layers that are "
                     "skipped or reused (weight sharing) are not supported"
                 )
+        middle = time.perf_counter()
+        timings["forward"] += (middle - start) * 1000
         cotangents = self._cotangents(logits.detach())
         # One vectorized backward for all labels, to the layer outputs only. (Replicating the
         # batch once per label and running a plain backward was measured 1.5-2x slower.)
@@ -144,7 +169,12 @@ class GradientFeatures:
                 continue
             with torch.no_grad():
                 columns.append(fn(module, capture.inputs, delta.detach()))
-        return torch.stack(columns, dim=-1).transpose(0, 1)  # (N, B, L) -> (B, N, L)
+        features = torch.stack(columns, dim=-1).transpose(0, 1)  # (N, B, L) -> (B, N, L)
+        timings["gradients"] += (time.perf_counter() - middle) * 1000
+        # The last layer's input is the penultimate representation the peers (KNN,
+        # Mahalanobis, ViM) work in.
+        embeddings = captures[-1].inputs[0].flatten(1)
+        return features, logits.detach(), embeddings
 
     def _auto_chunk(self, x: Tensor) -> int:
         """Samples per chunk so that N output gradients per layer fit the memory budget."""

@@ -1,0 +1,92 @@
+"""The reliability core: classifier + gradient features + detector H → one verdict per image.
+
+It knows nothing of gRPC, HTTP or the command line; the servicers, the CLI and the TorchServe
+handler are thin layers over ``Assessor``. Inputs reaching it are already validated float32
+(B, 1, 28, 28) in [0, 1] (see ``service.inputs``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from detectors.gradients import GradientFeatures, GradientSignals
+from service.classifier import LoadedClassifier
+
+VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
+
+
+class Detector(Protocol):
+    """What the core needs of a detector H."""
+
+    version: str
+    sha256: str
+
+    def predict_proba(self, signals: GradientSignals) -> np.ndarray:
+        """Calibrated probabilities (B, 4), columns in ``VERDICTS`` order."""
+        ...
+
+
+@dataclass
+class Assessment:
+    prediction: int
+    probabilities: np.ndarray  # (N,) softmax of the classifier
+    verdict: str
+    scores: dict[str, float]
+
+
+@dataclass
+class BatchAssessment:
+    assessments: list[Assessment]
+    timings_ms: dict[str, float] = field(default_factory=dict)  # forward, gradients, detector
+
+
+class Assessor:
+    """Assess batches of images with one classifier and one detector.
+
+    Args:
+        classifier: a loaded, hash-checked classifier artifact.
+        detector: the trained detector H for that classifier.
+        device: where the forward and gradient pass run ("cpu" or "cuda").
+    """
+
+    def __init__(
+        self, classifier: LoadedClassifier, detector: Detector, device: str = "cpu"
+    ) -> None:
+        self.classifier = classifier
+        self.detector = detector
+        self.device = device
+        self.module = classifier.module.to(device)
+        self.engine = GradientFeatures(self.module)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.classifier.manifest.classes)
+
+    def assess(self, images: np.ndarray) -> BatchAssessment:
+        """Verdicts for a validated batch (float32 (B, 1, 28, 28) in [0, 1])."""
+        signals = self.engine.signals(torch.from_numpy(images))
+        start = time.perf_counter()
+        scores = self.detector.predict_proba(signals)
+        detector_ms = (time.perf_counter() - start) * 1000
+        probabilities = torch.softmax(signals.logits, dim=-1).cpu().numpy()
+        assessments = [
+            Assessment(
+                prediction=int(p.argmax()),
+                probabilities=p,
+                verdict=VERDICTS[int(s.argmax())],
+                scores={name: float(v) for name, v in zip(VERDICTS, s, strict=True)},
+            )
+            for p, s in zip(probabilities, scores, strict=True)
+        ]
+        return BatchAssessment(assessments, {**signals.timings_ms, "detector": detector_ms})
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The classifier alone (softmax (B, N)): the path reliability is measured against."""
+        logits = self.classifier.exported(torch.from_numpy(images).to(self.device))
+        return torch.softmax(logits, dim=-1).cpu().numpy()
