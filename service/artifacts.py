@@ -19,12 +19,17 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from detectors import datasets
 from service import classifier as classifier_module
 from service.classifier import LoadedClassifier, TrainingRecipe
+
+if TYPE_CHECKING:
+    from detectors.detector import OnnxDetector
+    from service.assessor import Assessor
 
 
 def gradprobe_home() -> Path:
@@ -114,3 +119,47 @@ def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
 
 def load_default_classifier(device: str = "cpu", *, quiet: bool = False) -> LoadedClassifier:
     return classifier_module.load_classifier(ensure_default_model(quiet=quiet), device=device)
+
+
+def default_detector_dir(classifier: LoadedClassifier) -> Path:
+    """Keyed by the classifier, the challenge recipe and the code of everything H is made by."""
+    import detectors
+
+    code = "".join(p.read_text() for p in sorted(Path(detectors.__file__).parent.rglob("*.py")))
+    blob = json.dumps({"classifier": classifier.manifest.sha256, "code": code}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return gradprobe_home() / "detectors" / f"h-{key}"
+
+
+def ensure_default_detector(
+    classifier: LoadedClassifier, *, force: bool = False, quiet: bool = False
+) -> Path:
+    """The default detector folder for this classifier, trained first if absent."""
+    from detectors.detector import MANIFEST_FILE
+    from detectors.training import train_detector
+
+    target = default_detector_dir(classifier)
+    with _build_lock(target):
+        if force or not (target / MANIFEST_FILE).exists():
+            train_detector(
+                classifier.module, classifier.manifest.sha256, target, progress=not quiet
+            )
+    return target
+
+
+def load_default_detector(
+    classifier: LoadedClassifier | None = None, *, quiet: bool = False
+) -> OnnxDetector:
+    from detectors.detector import OnnxDetector
+
+    classifier = classifier or load_default_classifier(quiet=quiet)
+    return OnnxDetector(
+        ensure_default_detector(classifier, quiet=quiet), classifier.manifest.sha256
+    )
+
+
+def load_default_assessor(device: str = "cpu", *, quiet: bool = False) -> Assessor:
+    from service.assessor import Assessor
+
+    classifier = load_default_classifier(device, quiet=quiet)
+    return Assessor(classifier, load_default_detector(classifier, quiet=quiet), device=device)

@@ -1,0 +1,226 @@
+"""Detector H: signals → calibrated probabilities of the four verdicts, served with onnxruntime.
+
+Training (``fit``) uses scikit-learn: a standardizing MLP over ``SignalFeaturizer`` vectors,
+then temperature scaling of its log-probabilities on the validation split (one parameter,
+fitted by minimizing the validation log-loss), so that the scores are calibrated. The fitted
+pipeline is exported with skl2onnx; at run time only the ONNX graph, the featurizer's arrays
+(``.npz``, never pickled) and a JSON manifest are read, and loading refuses a detector whose
+manifest names another classifier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors.signals import SignalFeaturizer
+
+VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
+ONNX_FILE = "detector.onnx"
+FEATURIZER_FILE = "featurizer.npz"
+MANIFEST_FILE = "detector.json"
+FORMAT = "gradprobe.detector.v1"
+
+
+class DetectorMismatch(RuntimeError):
+    """The detector was trained for another classifier, or its files were altered."""
+
+
+@dataclass
+class DetectorManifest:
+    format: str
+    version: str
+    classifier_sha256: str
+    onnx_sha256: str
+    featurizer_sha256: str
+    verdicts: list[str]
+    columns: list[str]
+    groups: list[str]
+    temperature: float
+    hidden_layers: list[int]
+    training_data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _softmax_t(log_probs: np.ndarray, temperature: float) -> np.ndarray:
+    z = log_probs / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimizing log-loss of softmax(log p / T) on held-out data."""
+    log_p = np.log(np.clip(probs, 1e-12, 1.0))
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 200))
+    losses = [
+        -np.log(_softmax_t(log_p, t)[np.arange(len(labels)), labels] + 1e-12).mean() for t in grid
+    ]
+    return float(grid[int(np.argmin(losses))])
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    error = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            gap = abs((predicted[inside] == labels[inside]).mean() - confidence[inside].mean())
+            error += inside.mean() * gap
+    return float(error)
+
+
+@dataclass
+class TrainedH:
+    """A fitted H before export: the sklearn pipeline, its temperature, its featurizer."""
+
+    pipeline: Any
+    temperature: float
+    featurizer: SignalFeaturizer
+    columns: list[str]
+
+    def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        log_p = np.log(np.clip(self.pipeline.predict_proba(vectors), 1e-12, 1.0))
+        return _softmax_t(log_p, self.temperature)
+
+
+def fit(
+    featurizer: SignalFeaturizer,
+    columns: list[str],
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    hidden_layers: tuple[int, ...] = (128, 64),
+    seed: int = 0,
+) -> TrainedH:
+    """Fit the pipeline on train, the temperature on val. Labels index ``VERDICTS``."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    missing = set(range(len(VERDICTS))) - set(np.unique(train_y).tolist())
+    if missing:
+        raise ValueError(f"training data lacks verdicts {[VERDICTS[m] for m in missing]}")
+    # Balance the families by resampling: MLPClassifier takes no sample weights.
+    weights = compute_sample_weight("balanced", train_y)
+    rng = np.random.default_rng(seed)
+    index = rng.choice(len(train_y), size=len(train_y), p=weights / weights.sum())
+    pipeline = make_pipeline(
+        StandardScaler(),
+        MLPClassifier(
+            hidden_layers,
+            alpha=1e-3,
+            batch_size=256,
+            learning_rate_init=2e-3,
+            max_iter=200,
+            early_stopping=True,
+            n_iter_no_change=10,
+            random_state=seed,
+        ),
+    )
+    pipeline.fit(train_x[index], train_y[index])
+    temperature = fit_temperature(pipeline.predict_proba(val_x), val_y)
+    return TrainedH(pipeline, temperature, featurizer, columns)
+
+
+def export(
+    trained: TrainedH,
+    out_dir: Path,
+    *,
+    classifier_sha256: str,
+    training_data: dict[str, Any],
+    metrics: dict[str, Any],
+) -> DetectorManifest:
+    """Write the ONNX graph, the featurizer arrays and the manifest into ``out_dir``."""
+    from skl2onnx import to_onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sample = np.zeros((1, len(trained.columns)), dtype=np.float32)
+    onnx_model = to_onnx(
+        trained.pipeline, sample, options={"zipmap": False}, target_opset={"": 17, "ai.onnx.ml": 3}
+    )
+    (out_dir / ONNX_FILE).write_bytes(onnx_model.SerializeToString())
+    trained.featurizer.save(out_dir / FEATURIZER_FILE)
+    onnx_sha, featurizer_sha = _sha256(out_dir / ONNX_FILE), _sha256(out_dir / FEATURIZER_FILE)
+    manifest = DetectorManifest(
+        format=FORMAT,
+        version=hashlib.sha256((onnx_sha + featurizer_sha).encode()).hexdigest()[:12],
+        classifier_sha256=classifier_sha256,
+        onnx_sha256=onnx_sha,
+        featurizer_sha256=featurizer_sha,
+        verdicts=list(VERDICTS),
+        columns=trained.columns,
+        groups=list(trained.featurizer.groups),
+        temperature=trained.temperature,
+        hidden_layers=list(trained.pipeline[-1].hidden_layer_sizes),
+        training_data=training_data,
+        metrics=metrics,
+    )
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    return manifest
+
+
+class OnnxDetector:
+    """The served H: featurizer (numpy) → ONNX pipeline (onnxruntime) → temperature.
+
+    Implements the ``service.assessor.Detector`` protocol.
+    """
+
+    def __init__(self, folder: Path, classifier_sha256: str) -> None:
+        import onnxruntime
+
+        folder = Path(folder).resolve()
+        path = folder / MANIFEST_FILE
+        if not path.exists():
+            raise DetectorMismatch(
+                f"no {MANIFEST_FILE} in {folder}: not a detector folder; "
+                "train one with `gradprobe train-detector`"
+            )
+        self.manifest = DetectorManifest(**json.loads(path.read_text()))
+        if self.manifest.classifier_sha256 != classifier_sha256:
+            raise DetectorMismatch(
+                f"the detector in {folder} was trained for the classifier with sha256 "
+                f"{self.manifest.classifier_sha256}, but the classifier in use has sha256 "
+                f"{classifier_sha256}; train a detector for it with `gradprobe train-detector`"
+            )
+        for name, expected in (
+            (ONNX_FILE, self.manifest.onnx_sha256),
+            (FEATURIZER_FILE, self.manifest.featurizer_sha256),
+        ):
+            actual = _sha256(folder / name)
+            if actual != expected:
+                raise DetectorMismatch(
+                    f"{folder / name} has sha256 {actual}, its manifest says "
+                    f"{expected}: the file was altered or replaced"
+                )
+        self.folder = folder
+        self.featurizer = SignalFeaturizer.load(folder / FEATURIZER_FILE)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # tiny graph: threads cost more than they give
+        self.session = onnxruntime.InferenceSession(
+            str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        self._input = self.session.get_inputs()[0].name
+        self.version = self.manifest.version
+        self.sha256 = self.manifest.onnx_sha256
+
+    def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        _, probs = self.session.run(None, {self._input: vectors.astype(np.float32)})
+        log_p = np.log(np.clip(probs, 1e-12, 1.0))
+        return _softmax_t(log_p, self.manifest.temperature)
+
+    def predict_proba(self, signals: object) -> np.ndarray:
+        return self.predict_proba_vectors(self.featurizer.transform_signals(signals))

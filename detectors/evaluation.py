@@ -1,0 +1,183 @@
+"""An evaluation of H that a skeptical reader can check: held-out data, peers, unseen kinds.
+
+For every challenge kind (each OOD set, each corruption type at each level, each attack at each
+strength) the task "challenge vs clean" is scored by AUROC, FPR at 95% TPR and detection
+accuracy, for H (score 1 − P(in_distribution)) and for the peers on the same model and the same
+images: MSP, ODIN, Energy, Mahalanobis, KNN, ViM and GradNorm from pytorch-ood. The 4-way
+verdict is scored by a confusion matrix and macro-F1. Generalization is measured by leaving
+one OOD set / corruption type / attack out of H's training and testing on it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from detectors.challenge.dataset import FAMILIES
+from detectors.detector import fit as fit_h
+from detectors.signals import GROUPS
+from detectors.training import PreparedData, fit_featurizer, vectors
+
+PEERS = ("MSP", "ODIN", "Energy", "Mahalanobis", "KNN", "ViM", "GradNorm")
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
+    return float(roc_auc_score(truth, np.r_[negatives, positives]))
+
+
+def fpr_at_95_tpr(negatives: np.ndarray, positives: np.ndarray) -> float:
+    threshold = np.percentile(positives, 5)  # 95% of positives score at least this
+    return float((negatives >= threshold).mean())
+
+
+def detection_accuracy(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """max over thresholds of (TPR + TNR) / 2."""
+    thresholds = np.unique(np.r_[negatives, positives])
+    neg, pos = np.sort(negatives), np.sort(positives)
+    tnr = np.searchsorted(neg, thresholds, side="left") / len(neg)
+    tpr = 1 - np.searchsorted(pos, thresholds, side="left") / len(pos)
+    return float(((tpr + tnr) / 2).max())
+
+
+def kind_group(kind: str) -> str:
+    """'corrupted:snow:3' → 'corrupted:snow', 'adversarial:pgd:0.1' → 'adversarial:pgd'."""
+    parts = kind.split(":")
+    return ":".join(parts[:2])
+
+
+@dataclass
+class Scores:
+    """Per-image 'challenge' scores (higher = more novel) of each method on the test split."""
+
+    by_method: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class _Penultimate(nn.Module):
+    """The classifier up to the input of its last layer (the peers' feature space)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from detectors.gradients import parameterized_layers
+
+        self.model = model
+        self.last = parameterized_layers(model)[-1][1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = self.last.register_forward_hook(lambda _m, i, _o: captured.append(i[0]))
+        try:
+            self.model(x)
+        finally:
+            handle.remove()
+        return captured[0].flatten(1)
+
+
+def peer_scores(model: nn.Module, data: PreparedData, progress: bool = True) -> Scores:
+    """The peers' novelty scores on the test split, fitted on the clean training images."""
+    from pytorch_ood.detector import (
+        KNN,
+        ODIN,
+        EnergyBased,
+        GradNorm,
+        Mahalanobis,
+        MaxSoftmax,
+        ViM,
+    )
+    from tqdm import tqdm
+
+    from detectors.datasets import load_fashion_mnist, to_float
+    from detectors.signals import embed
+
+    model = model.eval()
+    train = load_fashion_mnist("train")
+    _, train_embeddings = embed(model, to_float(train.images))
+    z_train, y_train = torch.from_numpy(train_embeddings), torch.from_numpy(train.labels)
+    test = data.signals["test"]
+    z_test = torch.from_numpy(test.embeddings)
+    last = _Penultimate(model).last
+    out: dict[str, np.ndarray] = {}
+    out["Mahalanobis"] = Mahalanobis(None).fit_features(z_train, y_train).predict_features(z_test)
+    out["KNN"] = KNN(None, k=50).fit_features(z_train, y_train).predict_features(z_test)
+    vim = ViM(None, d=min(64, z_train.shape[1] // 2), w=last.weight.detach(), b=last.bias.detach())
+    out["ViM"] = vim.fit_features(z_train, y_train).predict_features(z_test)
+    images = torch.from_numpy(data.splits["test"].images)
+    image_peers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "MSP": MaxSoftmax(model).predict,
+        "Energy": EnergyBased(model).predict,
+        "ODIN": ODIN(model, eps=0.002, temperature=1000.0).predict,
+        "GradNorm": GradNorm(model).predict,
+    }
+    for name, predict in tqdm(
+        image_peers.items(), desc="peers", disable=not progress, file=sys.stderr
+    ):
+        parts = []
+        for start in range(0, len(images), 500):
+            with torch.enable_grad():
+                parts.append(predict(images[start : start + 500]).detach())
+        out[name] = torch.cat(parts)
+    return Scores({k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in out.items()})
+
+
+def h_scores(probs: np.ndarray) -> np.ndarray:
+    """H's challenge score: 1 − P(in_distribution)."""
+    return 1.0 - probs[:, FAMILIES.index("in_distribution")]
+
+
+def per_kind_metrics(
+    kinds: np.ndarray, scores: dict[str, np.ndarray], by: Callable[[str], str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{kind: {method: {auroc, fpr95, detection_accuracy}}} for each kind vs clean."""
+    clean = kinds == "clean"
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    groups = sorted({by(k) for k in kinds if k != "clean"})
+    for group in groups:
+        mask = np.array([by(k) == group for k in kinds])
+        table[group] = {}
+        for method, s in scores.items():
+            neg, pos = s[clean], s[mask]
+            table[group][method] = {
+                "auroc": auroc(neg, pos),
+                "fpr95": fpr_at_95_tpr(neg, pos),
+                "detection_accuracy": detection_accuracy(neg, pos),
+            }
+    return table
+
+
+def family_of(kind: str) -> str:
+    return {"ood": "ood", "corrupted": "corrupted", "adversarial": "adversarial"}[
+        kind.split(":")[0]
+    ]
+
+
+def leave_one_out(data: PreparedData, model: nn.Module, progress: bool = True) -> dict[str, float]:
+    """AUROC (vs clean) on each held-out kind, for an H trained without that kind."""
+    from tqdm import tqdm
+
+    featurizer = fit_featurizer(model, GROUPS)
+    columns = featurizer.column_names(1, ["x"])  # names are not needed here
+    x = {s: vectors(featurizer, data.signals[s]) for s in ("train", "val", "test")}
+    y = {s: data.splits[s].family for s in ("train", "val", "test")}
+    kinds = {s: np.array([kind_group(k) for k in data.splits[s].kind]) for s in x}
+    groups = sorted({k for k in kinds["test"] if k != "clean"})
+    results = {}
+    for group in tqdm(groups, desc="leave-one-out", disable=not progress, file=sys.stderr):
+        keep = {s: kinds[s] != group for s in ("train", "val")}
+        trained = fit_h(
+            featurizer,
+            columns,
+            x["train"][keep["train"]],
+            y["train"][keep["train"]],
+            x["val"][keep["val"]],
+            y["val"][keep["val"]],
+        )
+        score = h_scores(trained.predict_proba_vectors(x["test"]))
+        results[group] = auroc(score[kinds["test"] == "clean"], score[kinds["test"] == group])
+    return results

@@ -1,0 +1,147 @@
+"""H's input vector: the gradient features, plus the peers' cheap signals from the same pass.
+
+The core signal is the N × L matrix of log squared gradient norms, with each sample's labels
+sorted by how much change they ask for (the predicted class first), so that H learns the
+*shape* of the response rather than which class an image happens to be. Beside it, optionally,
+the signals the strongest peers use, all computed from the forward pass the features need
+anyway: maximum softmax, energy (log-sum-exp of the logits), cosine distance to the k-th
+nearest training embedding (KNN) and the class-conditional Mahalanobis distance. Which groups
+are used is part of the detector's manifest; the evaluation measures what each adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GROUPS = ("gradients", "logits", "knn", "mahalanobis")
+EPS = 1e-30
+
+
+@dataclass
+class SignalFeaturizer:
+    """Fitted state for the distance signals; ``fit`` on clean training embeddings first."""
+
+    groups: tuple[str, ...] = GROUPS
+    knn_k: int = 10
+    bank: np.ndarray | None = None  # (M, D) L2-normalized training embeddings
+    class_means: np.ndarray | None = None  # (N, D)
+    precision: np.ndarray | None = None  # (D, D) inverse of the shared covariance
+
+    def fit(
+        self, embeddings: np.ndarray, labels: np.ndarray, bank_size: int = 20_000, seed: int = 0
+    ) -> SignalFeaturizer:
+        unknown = set(self.groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown signal groups {sorted(unknown)}; choose from {GROUPS}")
+        embeddings = embeddings.astype(np.float64)
+        pick = np.random.default_rng(seed).permutation(len(embeddings))[:bank_size]
+        self.bank = _normalize(embeddings[pick]).astype(np.float32)
+        classes = np.unique(labels)
+        self.class_means = np.stack([embeddings[labels == c].mean(0) for c in classes])
+        centered = embeddings - self.class_means[np.searchsorted(classes, labels)]
+        covariance = centered.T @ centered / len(embeddings)
+        self.precision = np.linalg.pinv(covariance + 1e-6 * np.eye(len(covariance)))
+        self.class_means = self.class_means.astype(np.float32)
+        self.precision = self.precision.astype(np.float32)
+        return self
+
+    def column_names(self, n_classes: int, layers: list[str]) -> list[str]:
+        names: list[str] = []
+        if "gradients" in self.groups:
+            names += [f"log_grad[rank{r}][{layer}]" for r in range(n_classes) for layer in layers]
+        if "logits" in self.groups:
+            names += ["msp", "energy", "max_logit"]
+        if "knn" in self.groups:
+            names += [f"knn{self.knn_k}_cosine_distance"]
+        if "mahalanobis" in self.groups:
+            names += ["mahalanobis_min"]
+        return names
+
+    def transform(
+        self, features: np.ndarray, logits: np.ndarray, embeddings: np.ndarray
+    ) -> np.ndarray:
+        """(B, d) float32 from features (B, N, L), logits (B, N), embeddings (B, D)."""
+        columns = []
+        if "gradients" in self.groups:
+            log_grad = np.log(features.astype(np.float64) + EPS)
+            order = np.argsort(log_grad.sum(-1), axis=1)  # labels by total change asked for
+            ranked = np.take_along_axis(log_grad, order[:, :, None], axis=1)
+            columns.append(ranked.reshape(len(features), -1))
+        if "logits" in self.groups:
+            z = logits.astype(np.float64)
+            top = z.max(1, keepdims=True)
+            lse = top[:, 0] + np.log(np.exp(z - top).sum(1))
+            columns.append(np.stack([np.exp(top[:, 0] - lse), lse, top[:, 0]], axis=1))
+        if "knn" in self.groups or "mahalanobis" in self.groups:
+            self._check_fitted()
+        if "knn" in self.groups:
+            similarity = _normalize(embeddings.astype(np.float32)) @ self.bank.T
+            kth = -np.partition(-similarity, self.knn_k - 1, axis=1)[:, self.knn_k - 1]
+            columns.append((1.0 - kth)[:, None])
+        if "mahalanobis" in self.groups:
+            diff = embeddings[:, None, :].astype(np.float32) - self.class_means[None]
+            distances = np.einsum("bnd,de,bne->bn", diff, self.precision, diff)
+            columns.append(np.log(distances.min(1) + 1e-6)[:, None])
+        return np.concatenate(columns, axis=1).astype(np.float32)
+
+    def transform_signals(self, signals: object) -> np.ndarray:
+        """From ``GradientSignals`` (tensors) directly."""
+        as_np = {
+            k: getattr(signals, k).detach().cpu().numpy()
+            for k in ("features", "logits", "embeddings")
+        }
+        return self.transform(as_np["features"], as_np["logits"], as_np["embeddings"])
+
+    def save(self, path: Path) -> None:
+        self._check_fitted()
+        np.savez(
+            path,
+            groups=np.array(self.groups),
+            knn_k=np.array(self.knn_k),
+            bank=self.bank,
+            class_means=self.class_means,
+            precision=self.precision,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> SignalFeaturizer:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(
+                groups=tuple(str(g) for g in data["groups"]),
+                knn_k=int(data["knn_k"]),
+                bank=data["bank"],
+                class_means=data["class_means"],
+                precision=data["precision"],
+            )
+
+    def _check_fitted(self) -> None:
+        if self.bank is None or self.class_means is None or self.precision is None:
+            raise RuntimeError("SignalFeaturizer.fit must run before transform or save")
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+
+@torch.no_grad()
+def embed(
+    model: torch.nn.Module, images: np.ndarray, batch: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and last-layer inputs of a clean batch, without gradients (for ``fit``)."""
+    from detectors.gradients import parameterized_layers
+
+    last = parameterized_layers(model)[-1][1]
+    captured: list[torch.Tensor] = []
+    handle = last.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+    logits = []
+    try:
+        model.eval()
+        for i in range(0, len(images), batch):
+            logits.append(model(torch.from_numpy(images[i : i + batch])))
+    finally:
+        handle.remove()
+    return torch.cat(logits).numpy(), torch.cat(captured).flatten(1).numpy()

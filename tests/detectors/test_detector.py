@@ -1,0 +1,100 @@
+"""Detector H: fit, temperature, ONNX export, manifest checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from detectors import detector
+from detectors.detector import DetectorMismatch, OnnxDetector
+from detectors.signals import SignalFeaturizer
+
+CLASSIFIER_SHA = "a" * 64
+
+
+def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, size=n)
+    centers = np.eye(4, 6) * 3
+    return (centers[y] + rng.normal(size=(n, 6))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def trained() -> detector.TrainedH:
+    featurizer = SignalFeaturizer(groups=("logits",)).fit(np.ones((4, 2)), np.arange(4) % 2)
+    x, y = _data(800, 0)
+    vx, vy = _data(300, 1)
+    return detector.fit(featurizer, [f"c{i}" for i in range(6)], x, y, vx, vy, hidden_layers=(16,))
+
+
+def test_fit_learns_the_four_verdicts(trained) -> None:
+    x, y = _data(400, 2)
+    probs = trained.predict_proba_vectors(x)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
+    assert (probs.argmax(1) == y).mean() > 0.85
+
+
+def test_onnx_export_serves_the_same_probabilities(trained, tmp_path) -> None:
+    manifest = detector.export(
+        trained,
+        tmp_path,
+        classifier_sha256=CLASSIFIER_SHA,
+        training_data={"recipe": "synthetic"},
+        metrics={},
+    )
+    served = OnnxDetector(tmp_path, CLASSIFIER_SHA)
+    x, _ = _data(50, 3)
+    np.testing.assert_allclose(
+        served.predict_proba_vectors(x), trained.predict_proba_vectors(x), rtol=1e-4, atol=1e-6
+    )
+    assert manifest.verdicts == ["in_distribution", "ood", "corrupted", "adversarial"]
+    assert served.version == manifest.version and len(served.sha256) == 64
+
+
+def test_detector_for_another_classifier_is_refused_naming_both_hashes(trained, tmp_path) -> None:
+    detector.export(
+        trained, tmp_path, classifier_sha256=CLASSIFIER_SHA, training_data={}, metrics={}
+    )
+    other = "b" * 64
+    with pytest.raises(DetectorMismatch) as info:
+        OnnxDetector(tmp_path, other)
+    assert CLASSIFIER_SHA in str(info.value) and other in str(info.value)
+
+
+def test_altered_files_are_refused(trained, tmp_path) -> None:
+    detector.export(
+        trained, tmp_path, classifier_sha256=CLASSIFIER_SHA, training_data={}, metrics={}
+    )
+    with (tmp_path / detector.ONNX_FILE).open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(DetectorMismatch, match="altered or replaced"):
+        OnnxDetector(tmp_path, CLASSIFIER_SHA)
+    manifest = json.loads((tmp_path / detector.MANIFEST_FILE).read_text())
+    assert manifest["classifier_sha256"] == CLASSIFIER_SHA
+
+
+def test_not_a_detector_folder(tmp_path) -> None:
+    with pytest.raises(DetectorMismatch, match="train-detector"):
+        OnnxDetector(tmp_path, CLASSIFIER_SHA)
+
+
+def test_temperature_recovers_an_overconfident_model() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 4)) * 2
+    true_probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in true_probs])
+    overconfident = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)
+    temperature = detector.fit_temperature(overconfident, labels)
+    assert temperature == pytest.approx(3.0, rel=0.15)
+    calibrated = detector._softmax_t(np.log(overconfident), temperature)
+    assert detector.expected_calibration_error(
+        calibrated, labels
+    ) < detector.expected_calibration_error(overconfident, labels)
+
+
+def test_missing_verdicts_in_training_data() -> None:
+    x, y = _data(100, 0)
+    with pytest.raises(ValueError, match="lacks verdicts"):
+        detector.fit(SignalFeaturizer(), [], x[y < 3], y[y < 3], x, y)
