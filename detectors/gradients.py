@@ -60,6 +60,7 @@ class _Capture:
     inputs: tuple[Tensor, ...] | None = None
     output: Tensor | None = None
     calls: int = 0
+    version: int = 0
 
 
 class GradientFeatures:
@@ -96,6 +97,7 @@ class GradientFeatures:
         self.max_batch = max_batch
         self.memory_budget_mb = memory_budget_mb
         self._chunk_for_shape: dict[tuple[int, ...], int] = {}
+        self._protect_outputs = False
         self._layers = parameterized_layers(model)
         if not self._layers:
             raise ValueError("the model has no trainable parameters to take gradients of")
@@ -128,20 +130,31 @@ class GradientFeatures:
         features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
         return GradientSignals(features.float(), logits, embeddings, timings)
 
+    def _forward(self, x: Tensor) -> tuple[Tensor, list[_Capture]]:
+        """Forward with every layer's input and output recorded, intact for the backward."""
+        while True:
+            captures = [_Capture() for _ in self._layers]
+            handles = [
+                module.register_forward_hook(_recorder(capture, self._protect_outputs))
+                for (_, module), capture in zip(self._layers, captures, strict=True)
+            ]
+            try:
+                logits = self.model(x.requires_grad_(True))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if self._protect_outputs or all(
+                c.output is None or c.output._version == c.version for c in captures
+            ):
+                return logits, captures
+            # Some output was overwritten in place: copies are needed for this model.
+            self._protect_outputs = True
+
     def _compute_chunk(
         self, x: Tensor, timings: dict[str, float]
     ) -> tuple[Tensor, Tensor, Tensor]:
         start = time.perf_counter()
-        captures = [_Capture() for _ in self._layers]
-        handles = [
-            module.register_forward_hook(_recorder(capture))
-            for (_, module), capture in zip(self._layers, captures, strict=True)
-        ]
-        try:
-            logits = self.model(x.requires_grad_(True))
-        finally:
-            for handle in handles:
-                handle.remove()
+        logits, captures = self._forward(x)
         for (name, _), capture in zip(self._layers, captures, strict=True):
             if capture.calls != 1:
                 raise NotImplementedError(
@@ -209,14 +222,17 @@ class GradientFeatures:
         return probs.unsqueeze(0) - eye.unsqueeze(1)
 
 
-def _recorder(capture: _Capture) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+def _recorder(
+    capture: _Capture, protect: bool
+) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor | None]:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         capture.calls += 1
         capture.inputs = tuple(t.detach() for t in inputs)
         capture.output = output
-        # Hand the rest of the network a copy, so that in-place ops downstream (ReLU(inplace))
-        # cannot overwrite the tensor whose gradient we ask for.
-        return output.clone()
+        capture.version = output._version
+        # When a later op modifies this output in place (ReLU(inplace=True) after BatchNorm),
+        # the rest of the network gets a copy instead, so the captured tensor stays intact.
+        return output.clone() if protect else None
 
     return hook
 

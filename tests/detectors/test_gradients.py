@@ -308,3 +308,30 @@ def test_gram_and_direct_conv_norms_agree(groups: int) -> None:
     direct = conv2d_sq_norms(conv, (a,), delta, method="direct")
     gram = conv2d_sq_norms(conv, (a,), delta, method="gram")
     torch.testing.assert_close(direct, gram, rtol=1e-10, atol=0)
+
+
+def test_signals_carry_logits_and_last_layer_inputs() -> None:
+    model, shape = _build("resnet_bn")
+    x = torch.rand(5, *shape)
+    signals = GradientFeatures(model, max_batch=2).signals(x)
+    captured = []
+    handle = model.fc.register_forward_hook(lambda _m, i, _o: captured.append(i[0]))
+    with torch.no_grad():
+        logits = model(x)
+    handle.remove()
+    torch.testing.assert_close(signals.logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(signals.embeddings, captured[0], rtol=1e-5, atol=1e-6)
+    assert set(signals.timings_ms) == {"forward", "gradients"}
+    assert all(v > 0 for v in signals.timings_ms.values())
+
+
+def test_outputs_are_copied_only_when_modified_in_place() -> None:
+    resnet, shape = _build("resnet_bn")  # ReLU(inplace=True) after BatchNorm
+    engine = GradientFeatures(resnet)
+    x = torch.rand(3, *shape)
+    assert_features_close(engine.compute(x), loop_features(resnet, x))
+    assert engine._protect_outputs
+    cnn, shape = _build("default_cnn")
+    engine = GradientFeatures(cnn)
+    engine.compute(torch.rand(2, *shape))
+    assert not engine._protect_outputs
