@@ -143,10 +143,155 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_load(args), per_set=args.per_set, plot=args.plot, quiet=args.quiet)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import load_default_assessor, serve
+    from service.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_sources(args)
+        settings.resolved_device()
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from exc
+    return serve(settings, lambda: load_default_assessor(settings))
+
+
+def cmd_assess(args: argparse.Namespace) -> int:
+    import grpc
+
+    from service.client import ReliabilityClient
+
+    images = _read_images(args.images)
+    lines = []
+    with ReliabilityClient(args.server, timeout=args.timeout, wait_for_ready=False) as client:
+        for start in range(0, len(images), args.batch_size):
+            try:
+                answers = client.assess(images[start : start + args.batch_size])
+            except grpc.RpcError as exc:
+                code = exc.code()
+                hint = f" (is `gradprobe serve` running at {args.server}?)"
+                print(
+                    f"gradprobe assess: error: the server answered {code.name}: {exc.details()}"
+                    + (hint if code == grpc.StatusCode.UNAVAILABLE else ""),
+                    file=sys.stderr,
+                )
+                return 2 if code == grpc.StatusCode.INVALID_ARGUMENT else 1
+            for answer in answers:
+                keys = ("prediction", "class_name", "verdict", "scores")
+                row = {"index": start + answer["index"], **{k: answer[k] for k in keys}}
+                lines.append(json.dumps(row))
+    text = "\n".join(lines) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        if not args.quiet:
+            print(f"wrote {args.output}: {len(lines)} verdicts", file=sys.stderr)
+    return 0
+
+
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:
+    from service.settings import add_arguments
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC reliability service",
+        description="Serve the default classifier and detector H over gRPC "
+        "(gradprobe.v1.Reliability, health, reflection) with Prometheus metrics on "
+        "--metrics-port. Every flag can also be set as GRADPROBE_<FLAG> (e.g. "
+        "GRADPROBE_MAX_BATCH_SIZE=16); a flag wins over the environment. SIGTERM drains.",
+    )
+    add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    assess = sub.add_parser(
+        "assess",
+        help="send images to a running server; one JSON line per image",
+        description="Send a .npy batch to `gradprobe serve` and print one JSON object per "
+        "image: index, prediction, class_name, verdict, scores.",
+    )
+    assess.add_argument("--server", required=True, help="HOST:PORT of the server")
+    assess.add_argument("--images", type=Path, required=True, help=f".npy file: {EXPECTED}")
+    assess.add_argument(
+        "--output", type=Path, default=None, help=".jsonl file to write (default: stdout)"
+    )
+    assess.add_argument(
+        "--batch-size", type=int, default=64, help="images per request (default 64)"
+    )
+    assess.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per request (default 60)"
+    )
+    assess.add_argument("-q", "--quiet", action="store_true", help="no notes on stderr")
+    assess.set_defaults(func=cmd_assess)
+
+
 def _read_images(path: Path) -> np.ndarray:
     from service.inputs import load_images
 
     return load_images(path)
+
+
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    from service.artifacts import ensure_default_detector
+
+    loaded = _load(args)
+    print(ensure_default_detector(loaded, force=args.force, quiet=args.quiet))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from detectors.report import write_report
+    from detectors.training import prepare
+    from service.artifacts import load_default_detector
+
+    loaded = _load(args)
+    detector = load_default_detector(loaded, quiet=args.quiet)
+    data = prepare(loaded.module, loaded.manifest.sha256, progress=not args.quiet)
+    path = write_report(
+        data,
+        loaded.module,
+        detector,
+        args.output_dir,
+        progress=not args.quiet,
+        leave_out=not args.no_leave_one_out,
+    )
+    print(path)
+    return 0
+
+
+def _add_detector_commands(
+    sub: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    train = sub.add_parser(
+        "train-detector",
+        parents=[common],
+        help="(re)build the detector H for the classifier",
+        description="Build the challenge data (OOD sets, corruptions at 5 levels, adversarial "
+        "attacks; cached), compute gradient signals, fit H (scikit-learn MLP + temperature "
+        "scaling), export it to ONNX with a manifest naming the classifier's sha256.",
+    )
+    train.add_argument("--force", action="store_true", help="retrain even if it exists")
+    train.set_defaults(func=cmd_train_detector)
+    evaluate = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="held-out report: H vs the peers, seen vs unseen",
+        description="Write REPORT.md and PNG plots: AUROC / FPR@95 / detection accuracy per "
+        "OOD set, corruption and attack for H and the peers (MSP, ODIN, Energy, Mahalanobis, "
+        "KNN, ViM, GradNorm), the 4-way confusion matrix, leave-one-kind-out results and an "
+        "ablation of H's signals.",
+    )
+    evaluate.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("benchmarks/detector"),
+        help="where REPORT.md and the plots go (default benchmarks/detector)",
+    )
+    evaluate.add_argument(
+        "--no-leave-one-out",
+        action="store_true",
+        help="skip the (slow) leave-one-kind-out retraining",
+    )
+    evaluate.set_defaults(func=cmd_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", type=Path, default=None, help="also save a PNG of the feature distributions here"
     )
     demo.set_defaults(func=cmd_demo)
+    _add_service_commands(sub)
+    _add_detector_commands(sub, common)
     return parser
 
 

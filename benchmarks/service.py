@@ -1,0 +1,229 @@
+"""The gRPC service: what reliability costs over plain prediction, and what batching buys.
+
+    python -m benchmarks.service [--json] [--seconds 4]
+
+One server on a loopback port, in this process; clients are threads with their own channel.
+Latency: sequential Assess and Predict calls of one image each (p50, p99). Throughput: 1, 8
+and 32 concurrent clients sending one image per Assess for ``--seconds`` each, with
+micro-batching on and then off. The whole run takes about a minute on 2 CPU cores.
+
+The default detector H is used when its artifact is already built; otherwise the small
+logistic detector of the service tests is fitted (the output says which). H's own cost is a
+small part of Assess either way: the gradient pass dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONCURRENCY = (1, 8, 32)
+LATENCY_CALLS = 60
+
+
+def _assessor() -> tuple[Any, str]:
+    """The default assessor if H is already built (never trained here), else the test one."""
+    from service import artifacts
+    from service.assessor import Assessor
+
+    classifier = artifacts.load_default_classifier(quiet=True)
+    try:
+        from detectors.detector import MANIFEST_FILE
+
+        built = (artifacts.default_detector_dir(classifier) / MANIFEST_FILE).exists()
+        if built:
+            detector = artifacts.load_default_detector(classifier, quiet=True)
+            return Assessor(classifier, detector, "cpu"), f"default H ({detector.version})"
+    except (ImportError, AttributeError) as exc:
+        print(f"note: default detector unavailable ({exc})", file=sys.stderr)
+    tests = Path(__file__).resolve().parent.parent / "tests" / "service"
+    sys.path.insert(0, str(tests))
+    from grpc_support import fit_detector
+
+    detector = fit_detector(classifier, per_set=100)
+    return Assessor(classifier, detector, "cpu"), "test logistic detector (tests/service)"
+
+
+def _start(assessor: Any, batching: bool, max_wait_ms: float) -> Any:
+    from service.server import ReliabilityServer
+    from service.settings import Settings
+
+    server = ReliabilityServer(
+        Settings(
+            port=0,
+            metrics_port=-1,
+            max_batch_size=32,
+            max_wait_ms=max_wait_ms,
+            max_queue=1024,
+            workers=64,
+            batching=batching,
+        )
+    )
+    server.start()
+    server.load(assessor)
+    return server
+
+
+def _percentiles(samples_ms: list[float]) -> tuple[float, float]:
+    return float(np.percentile(samples_ms, 50)), float(np.percentile(samples_ms, 99))
+
+
+def _latency(target: str, image: np.ndarray, method: str) -> list[float]:
+    from service.client import ReliabilityClient
+
+    with ReliabilityClient(target, timeout=60) as client:
+        call = client.assess if method == "assess" else client.predict
+        for _ in range(5):
+            call(image)
+        samples = []
+        for _ in range(LATENCY_CALLS):
+            start = time.perf_counter()
+            call(image)
+            samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def _throughput(target: str, image: np.ndarray, clients: int, seconds: float) -> dict[str, float]:
+    from service.client import ReliabilityClient
+
+    done = [0] * clients
+    batch_sizes: list[int] = []
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def run(i: int) -> None:
+        with ReliabilityClient(target, timeout=60) as client:
+            client.assess(image)  # connect before the clock starts
+            barrier.wait()
+            while time.perf_counter() < stop_at[0]:
+                batch_sizes.append(client.assess(image)[0]["batch_size"])
+                done[i] += 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds + 10  # provisional, until all are connected
+    barrier.wait()
+    start = time.perf_counter()
+    stop_at[0] = start + seconds
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return {
+        "rps": sum(done) / elapsed,
+        "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
+    }
+
+
+def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    from detectors.datasets import load_fashion_mnist, to_float
+
+    image = to_float(load_fashion_mnist("test").images[:1])
+    assessor, detector = _assessor()
+    result: dict[str, Any] = {"detector": detector, "device": assessor.device}
+    server = _start(assessor, batching=True, max_wait_ms=max_wait_ms)
+    try:
+        assess = _latency(server.target, image, "assess")
+        predict = _latency(server.target, image, "predict")
+        result["assess_p50_ms"], result["assess_p99_ms"] = _percentiles(assess)
+        result["predict_p50_ms"], result["predict_p99_ms"] = _percentiles(predict)
+        result["overhead_ratio"] = result["assess_p50_ms"] / result["predict_p50_ms"]
+        for clients in CONCURRENCY:
+            point = _throughput(server.target, image, clients, seconds)
+            result[f"batched_rps_{clients}"] = point["rps"]
+            result[f"batched_mean_batch_{clients}"] = point["mean_batch"]
+    finally:
+        server.stop(0)
+    server = _start(assessor, batching=False, max_wait_ms=max_wait_ms)
+    try:
+        for clients in CONCURRENCY:
+            result[f"unbatched_rps_{clients}"] = _throughput(
+                server.target, image, clients, seconds
+            )["rps"]
+    finally:
+        server.stop(0)
+    for clients in CONCURRENCY:
+        result[f"batching_gain_{clients}"] = (
+            result[f"batched_rps_{clients}"] / result[f"unbatched_rps_{clients}"]
+        )
+    result["seconds_per_point"] = seconds
+    result["max_wait_ms"] = max_wait_ms
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    from benchmarks.results import environment
+
+    rows = "\n".join(
+        f"| {c} | {r[f'batched_rps_{c}']:.1f} | {r[f'batched_mean_batch_{c}']:.1f} | "
+        f"{r[f'unbatched_rps_{c}']:.1f} | {r[f'batching_gain_{c}']:.2f}× |"
+        for c in CONCURRENCY
+    )
+    return f"""## gRPC service (`python -m benchmarks.service`)
+
+{environment()}; device {r["device"]}; detector: {r["detector"]}. Server and clients in one
+process on loopback; one image per request.
+
+| one image, sequential | p50 ms | p99 ms |
+|---|---:|---:|
+| Predict (classifier only) | {r["predict_p50_ms"]:.1f} | {r["predict_p99_ms"]:.1f} |
+| Assess (prediction + gradients + H) | {r["assess_p50_ms"]:.1f} | {r["assess_p99_ms"]:.1f} |
+
+Assess / Predict at p50: **{r["overhead_ratio"]:.1f}×**.
+
+| concurrent clients | batched req/s | mean micro-batch | unbatched req/s | batching gain |
+|---:|---:|---:|---:|---:|
+{rows}
+
+Micro-batching: up to 32 images, at most {r["max_wait_ms"]:g} ms wait;
+{r["seconds_per_point"]:g} s per point.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.service",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="duration of each throughput point"
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not update benchmarks/RESULTS.md"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=None,
+        help="micro-batch wait (default: the server's default)",
+    )
+    args = parser.parse_args(argv)
+    if args.max_wait_ms is None:
+        from service.settings import Settings
+
+        args.max_wait_ms = Settings().max_wait_ms
+    result = run(args.seconds, args.max_wait_ms)
+    if not args.no_write:
+        from benchmarks.results import write_section
+
+        write_section("service", markdown(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

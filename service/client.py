@@ -1,0 +1,171 @@
+"""A small Python client of the reliability service.
+
+from service.client import ReliabilityClient
+
+with ReliabilityClient("127.0.0.1:50051") as client:
+    for answer in client.assess(images):   # float32 (B, 1, 28, 28) in [0, 1] or uint8
+        print(answer["verdict"], answer["scores"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service._proto.gradprobe.v1 import reliability_pb2 as pb
+from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_VERDICT_NAMES = {
+    pb.IN_DISTRIBUTION: "in_distribution",
+    pb.OOD: "ood",
+    pb.CORRUPTED: "corrupted",
+    pb.ADVERSARIAL: "adversarial",
+}
+
+
+def image_messages(images: np.ndarray) -> list[pb.Image]:
+    """One ``Image`` per image of a (B, 28, 28) or (B, 1, 28, 28) uint8/float32 array.
+
+    Values are not checked here: the server validates them and says what is wrong.
+    """
+    images = np.asarray(images)
+    dtypes = {np.dtype(np.uint8): pb.RawPixels.UINT8, np.dtype(np.float32): pb.RawPixels.FLOAT32}
+    if images.dtype not in dtypes:
+        hint = " (cast with .astype(np.float32))" if images.dtype.kind == "f" else ""
+        raise ValueError(f"images must be uint8 or float32; got {images.dtype}{hint}")
+    if images.ndim not in (3, 4):
+        raise ValueError(f"images must be (B, 28, 28) or (B, 1, 28, 28); got {images.shape}")
+    dtype = dtypes[images.dtype]
+    little_endian = images.astype(images.dtype.newbyteorder("<"), copy=False)
+    return [
+        pb.Image(raw=pb.RawPixels(data=image.tobytes(), shape=list(image.shape), dtype=dtype))
+        for image in little_endian
+    ]
+
+
+def assessment_dict(message: pb.ImageAssessment, index: int) -> dict[str, Any]:
+    t = message.timings
+    return {
+        "index": index,
+        "prediction": message.predicted_class,
+        "class_name": message.predicted_name,
+        "probabilities": list(message.probabilities),
+        "verdict": _VERDICT_NAMES.get(message.verdict, "unspecified"),
+        "scores": {
+            "in_distribution": message.scores.in_distribution,
+            "ood": message.scores.ood,
+            "corrupted": message.scores.corrupted,
+            "adversarial": message.scores.adversarial,
+        },
+        "timings_ms": {
+            "decode": t.decode_ms,
+            "queue": t.queue_ms,
+            "forward": t.forward_ms,
+            "gradients": t.gradients_ms,
+            "detector": t.detector_ms,
+            "total": t.total_ms,
+        },
+        "batch_size": t.batch_size,
+    }
+
+
+class StreamError(RuntimeError):
+    """One request of a stream failed; the stream itself goes on."""
+
+    def __init__(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"request {request_id or '?'}: {code.name}: {message}")
+        self.request_id = request_id
+        self.code = code
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
+class ReliabilityClient:
+    """Blocking client of ``gradprobe.v1.Reliability``.
+
+    Args:
+        target: ``host:port`` of the server.
+        timeout: deadline of each call in seconds (None: no deadline).
+        wait_for_ready: queue calls while the channel connects instead of failing at once.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        wait_for_ready: bool = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = pb_grpc.ReliabilityStub(self.channel)
+
+    def __enter__(self) -> ReliabilityClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "wait_for_ready": self.wait_for_ready}
+
+    def assess(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """One dict per image: index, prediction, class_name, probabilities, verdict, scores,
+        timings_ms, batch_size. Raises ``grpc.RpcError`` (e.g. INVALID_ARGUMENT) on failure."""
+        response = self.stub.Assess(pb.AssessRequest(images=image_messages(images)), **self._call())
+        return [assessment_dict(m, i) for i, m in enumerate(response.results)]
+
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[list[dict[str, Any]]]:
+        """Assess many batches over one stream; yields each batch's answers in order.
+
+        A batch that fails raises ``StreamError`` when its turn comes.
+        """
+        requests = (
+            pb.AssessRequest(images=image_messages(batch), request_id=str(i))
+            for i, batch in enumerate(batches)
+        )
+        for response in self.stub.AssessStream(requests, **self._call()):
+            if response.HasField("error"):
+                raise StreamError(
+                    response.request_id, _status_code(response.error.code), response.error.message
+                )
+            yield [assessment_dict(m, i) for i, m in enumerate(response.results)]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The classifier's softmax (B, N) alone, without the reliability verdict."""
+        response = self.stub.Predict(
+            pb.PredictRequest(images=image_messages(images)), **self._call()
+        )
+        return np.array([list(p.probabilities) for p in response.predictions], dtype=np.float32)
+
+    def info(self) -> dict[str, Any]:
+        m = self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._call())
+        return {
+            "classes": list(m.classes),
+            "input_shape": list(m.input_shape),
+            "classifier_version": m.classifier_version,
+            "classifier_sha256": m.classifier_sha256,
+            "detector_version": m.detector_version,
+            "detector_sha256": m.detector_sha256,
+            "verdicts": list(m.verdicts),
+            "max_images_per_request": m.max_images_per_request,
+            "device": m.device,
+        }

@@ -1,0 +1,508 @@
+"""The gRPC reliability server: thin servicers over ``Assessor``, a micro-batcher in front of
+it, health, reflection, Prometheus metrics and a graceful shutdown on SIGTERM.
+
+Every request is decoded and validated on its own handler thread before it joins a
+micro-batch, so a malformed request fails alone and never reaches the model. Errors are raised
+as exceptions and mapped to statuses in one place (``service.errors.StatusInterceptor``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._proto.gradprobe.v1 import reliability_pb2 as pb
+from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
+from service.assessor import VERDICTS, Assessment, Assessor
+from service.batcher import BatchOutput, JobResult, MicroBatcher
+from service.errors import (
+    DeadlineExceeded,
+    NotReady,
+    ServiceError,
+    StatusInterceptor,
+    log_if_unexpected,
+    status_for,
+)
+from service.inputs import HEIGHT, WIDTH, InvalidInput, to_model_input
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+log = logging.getLogger("gradprobe.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reliability"].full_name
+PIXELS = HEIGHT * WIDTH
+_RAW_DTYPES = {pb.RawPixels.UINT8: np.dtype(np.uint8), pb.RawPixels.FLOAT32: np.dtype("<f4")}
+_ENCODED_FORMATS = ("PNG", "JPEG")
+_VERDICT_ENUM = {name: pb.Verdict.Value(name.upper()) for name in VERDICTS}
+STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on the reader)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_images(images: Sequence[pb.Image], max_images: int) -> np.ndarray:
+    """A request's images as a validated float32 batch (n, 1, 28, 28) in [0, 1]."""
+    if not images:
+        raise InvalidInput("the request holds no images: send at least one")
+    if len(images) > max_images:
+        raise InvalidInput(
+            f"{len(images)} images in one request; this server accepts at most {max_images}: "
+            "split them over several requests (or use AssessStream)"
+        )
+    planes = []
+    for index, image in enumerate(images):
+        plane = _decode_one(index, image)
+        # uint8 pixels become float32 [0, 1] here; float checks (NaN, range) run on the
+        # whole batch below so their messages name the right image.
+        planes.append(to_model_input(plane[None])[0] if plane.dtype == np.uint8 else plane)
+    return to_model_input(np.stack(planes))
+
+
+def _decode_one(index: int, image: pb.Image) -> np.ndarray:
+    """One image as (1, 28, 28) uint8 or float32, unconverted."""
+    which = image.WhichOneof("content")
+    if which == "raw":
+        return _decode_raw(index, image.raw)
+    if which == "encoded":
+        return _decode_encoded(index, image.encoded)
+    raise InvalidInput(
+        f"image {index} is empty: set `raw` (pixels, shape and dtype) or `encoded` "
+        "(PNG or JPEG bytes)"
+    )
+
+
+def _decode_raw(index: int, raw: pb.RawPixels) -> np.ndarray:
+    if raw.dtype not in _RAW_DTYPES:
+        raise InvalidInput(
+            f"image {index}: dtype is {pb.RawPixels.DType.Name(raw.dtype)}; set it to UINT8 "
+            "(pixels 0..255) or FLOAT32 (little-endian, in [0, 1])"
+        )
+    shape = list(raw.shape)
+    if shape not in ([HEIGHT, WIDTH], [1, HEIGHT, WIDTH]):
+        raise InvalidInput(
+            f"image {index}: shape is {shape}; expected [{HEIGHT}, {WIDTH}] or "
+            f"[1, {HEIGHT}, {WIDTH}] (one grayscale image per Image; send several Images "
+            "for a batch)"
+        )
+    dtype = _RAW_DTYPES[raw.dtype]
+    expected = PIXELS * dtype.itemsize
+    if len(raw.data) != expected:
+        hint = ""
+        if dtype.itemsize == 4 and len(raw.data) == 2 * expected:
+            hint = " (that is float64: cast with .astype(np.float32))"
+        elif dtype.itemsize == 1 and len(raw.data) == 4 * expected:
+            hint = " (that looks like float32 pixels: set dtype FLOAT32)"
+        raise InvalidInput(
+            f"image {index}: {shape} {pb.RawPixels.DType.Name(raw.dtype)} pixels take "
+            f"{expected} bytes; got {len(raw.data)}{hint}"
+        )
+    return np.frombuffer(raw.data, dtype=dtype).reshape(1, HEIGHT, WIDTH)
+
+
+def _decode_encoded(index: int, data: bytes) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as decoded:
+            if decoded.format not in _ENCODED_FORMATS:
+                raise InvalidInput(
+                    f"image {index}: encoded images must be PNG or JPEG; got {decoded.format}"
+                )
+            # Checked before decoding the pixels: a huge image is refused unread.
+            if decoded.size != (WIDTH, HEIGHT):
+                width, height = decoded.size
+                raise InvalidInput(
+                    f"image {index}: the {decoded.format} is {width}×{height} pixels; expected "
+                    f"{WIDTH}×{HEIGHT} (resize it before sending)"
+                )
+            pixels = np.asarray(decoded.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput(
+            f"image {index}: the encoded bytes are not a readable PNG or JPEG ({exc})"
+        ) from None
+    return pixels.reshape(1, HEIGHT, WIDTH)
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def _timings(job: JobResult, decode_ms: float, arrived: float) -> dict[str, float]:
+    return {
+        "decode": decode_ms,
+        **job.timings_ms,
+        "total": (time.monotonic() - arrived) * 1000,
+    }
+
+
+def _timings_message(timings: dict[str, float], batch_size: int) -> pb.Timings:
+    return pb.Timings(
+        decode_ms=timings.get("decode", 0.0),
+        queue_ms=timings.get("queue", 0.0),
+        forward_ms=timings.get("forward", 0.0),
+        gradients_ms=timings.get("gradients", 0.0),
+        detector_ms=timings.get("detector", 0.0),
+        total_ms=timings.get("total", 0.0),
+        batch_size=batch_size,
+    )
+
+
+def _assessment_message(
+    assessment: Assessment, classes: Sequence[str], timings: pb.Timings
+) -> pb.ImageAssessment:
+    return pb.ImageAssessment(
+        predicted_class=assessment.prediction,
+        predicted_name=classes[assessment.prediction],
+        probabilities=[float(p) for p in assessment.probabilities],
+        verdict=_VERDICT_ENUM[assessment.verdict],
+        scores=pb.Scores(**assessment.scores),
+        timings=timings,
+    )
+
+
+# ----------------------------------------------------------------------------- servicer
+
+NO_DEADLINE_S = 365 * 24 * 3600.0
+
+
+def _time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds to the client's deadline, None without one (grpc then reports ~2**63 s,
+    which no timeout accepts)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE_S else remaining
+
+
+class ReliabilityServicer(pb_grpc.ReliabilityServicer):
+    """The four RPCs. Until ``attach`` has run (model loaded and warmed up) they answer
+    UNAVAILABLE."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.assessor: Assessor | None = None
+        self.batcher: MicroBatcher | None = None
+
+    # -- life cycle
+
+    def attach(self, assessor: Assessor) -> None:
+        """Warm the model up, then start the batcher: the server is ready after this."""
+        rng = np.random.default_rng(0)
+        for size in sorted({1, min(8, self.settings.max_batch_size)}):
+            warm = rng.random((size, 1, HEIGHT, WIDTH), dtype=np.float32)
+            assessor.assess(warm)
+            assessor.predict(warm)
+        self.metrics.set_model(
+            classifier_version=assessor.classifier.model_dir.name,
+            classifier_sha256=assessor.classifier.manifest.sha256,
+            detector_version=assessor.detector.version,
+            detector_sha256=assessor.detector.sha256,
+            device=assessor.device,
+        )
+        batcher = MicroBatcher(
+            {"assess": self._assess_batch, "predict": self._predict_batch},
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_ms=self.settings.max_wait_ms,
+            max_queue=self.settings.max_queue,
+            batching=self.settings.batching,
+            observer=self.metrics,
+        )
+        self.assessor = assessor
+        batcher.start()
+        self.batcher = batcher
+
+    def close(self, timeout: float | None = None) -> None:
+        if self.batcher is not None:
+            self.batcher.stop(timeout)
+
+    def _assess_batch(self, images: np.ndarray) -> BatchOutput:
+        assert self.assessor is not None
+        batch = self.assessor.assess(images)
+        return BatchOutput(batch.assessments, batch.timings_ms)
+
+    def _predict_batch(self, images: np.ndarray) -> BatchOutput:
+        assert self.assessor is not None
+        start = time.perf_counter()
+        probabilities = self.assessor.predict(images)
+        return BatchOutput(list(probabilities), {"forward": (time.perf_counter() - start) * 1000})
+
+    # -- shared steps
+
+    def _ready(self) -> tuple[Assessor, MicroBatcher]:
+        if self.assessor is None or self.batcher is None:
+            raise NotReady("the model is still loading or warming up; retry shortly")
+        return self.assessor, self.batcher
+
+    def _submit(
+        self, kind: str, images: Iterable[pb.Image], context: grpc.ServicerContext
+    ) -> tuple[futures.Future, float]:
+        """Decode and validate, then queue; returns the future and the decode time (ms)."""
+        _, batcher = self._ready()
+        start = time.monotonic()
+        batch = decode_images(list(images), self.settings.max_images_per_request)
+        decode_ms = (time.monotonic() - start) * 1000
+        remaining = _time_remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return batcher.submit(
+            kind, batch, deadline=deadline, is_active=context.is_active
+        ), decode_ms
+
+    @staticmethod
+    def _wait(future: futures.Future, context: grpc.ServicerContext) -> JobResult:
+        try:
+            return future.result(timeout=_time_remaining(context))
+        except futures.TimeoutError:
+            raise DeadlineExceeded("the deadline passed before the request was computed") from None
+
+    def _assess_response(
+        self, job: JobResult, decode_ms: float, arrived: float, request_id: str
+    ) -> pb.AssessResponse:
+        assessor, _ = self._ready()
+        classes = assessor.classes
+        timings = _timings(job, decode_ms, arrived)
+        message = _timings_message(timings, job.batch_size)
+        self.metrics.observe_stages("assess", timings)
+        self.metrics.observe_assessments(job.results, classes)
+        return pb.AssessResponse(
+            results=[_assessment_message(a, classes, message) for a in job.results],
+            request_id=request_id,
+        )
+
+    # -- RPCs
+
+    def Assess(self, request: pb.AssessRequest, context: grpc.ServicerContext) -> pb.AssessResponse:
+        arrived = time.monotonic()
+        future, decode_ms = self._submit("assess", request.images, context)
+        job = self._wait(future, context)
+        return self._assess_response(job, decode_ms, arrived, request.request_id)
+
+    def AssessStream(
+        self, request_iterator: Iterator[pb.AssessRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.AssessResponse]:
+        self._ready()
+        # A reader thread queues requests as they arrive, so a stream's requests batch
+        # together; answers are yielded in request order.
+        pending: queue.Queue[Any] = queue.Queue(maxsize=STREAM_WINDOW)
+        end = object()
+
+        def put(item: Any) -> None:
+            while context.is_active():
+                try:
+                    pending.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    arrived = time.monotonic()
+                    try:
+                        submitted: Any = self._submit("assess", request.images, context)
+                    except Exception as exc:
+                        submitted = exc
+                    put((request.request_id, arrived, submitted))
+            except Exception as exc:  # the client went away mid-stream
+                log.debug("AssessStream reader stopped: %s", exc)
+            finally:
+                put(end)
+
+        threading.Thread(target=read, name="gradprobe-stream-reader", daemon=True).start()
+        while (item := pending.get()) is not end:
+            request_id, arrived, submitted = item
+            try:
+                if isinstance(submitted, Exception):
+                    raise submitted
+                future, decode_ms = submitted
+                job = self._wait(future, context)
+                yield self._assess_response(job, decode_ms, arrived, request_id)
+            except Exception as exc:
+                log_if_unexpected(exc, "AssessStream")
+                code, message = status_for(exc)
+                yield pb.AssessResponse(
+                    request_id=request_id,
+                    error=pb.RequestError(code=code.value[0], message=message),
+                )
+
+    def Predict(
+        self, request: pb.PredictRequest, context: grpc.ServicerContext
+    ) -> pb.PredictResponse:
+        arrived = time.monotonic()
+        future, decode_ms = self._submit("predict", request.images, context)
+        job = self._wait(future, context)
+        assessor, _ = self._ready()
+        classes = assessor.classes
+        timings = _timings(job, decode_ms, arrived)
+        self.metrics.observe_stages("predict", timings)
+        return pb.PredictResponse(
+            predictions=[
+                pb.Prediction(
+                    predicted_class=int(p.argmax()),
+                    predicted_name=classes[int(p.argmax())],
+                    probabilities=[float(v) for v in p],
+                )
+                for p in job.results
+            ],
+            timings=_timings_message(timings, job.batch_size),
+        )
+
+    def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfo:
+        assessor, _ = self._ready()
+        return pb.ModelInfo(
+            classes=assessor.classes,
+            input_shape=[1, HEIGHT, WIDTH],
+            classifier_version=assessor.classifier.model_dir.name,
+            classifier_sha256=assessor.classifier.manifest.sha256,
+            detector_version=assessor.detector.version,
+            detector_sha256=assessor.detector.sha256,
+            verdicts=list(VERDICTS),
+            max_images_per_request=self.settings.max_images_per_request,
+            device=assessor.device,
+        )
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class ReliabilityServer:
+    """A gRPC server with the Reliability, Health and reflection services.
+
+    ``start`` listens at once (health NOT_SERVING, RPCs UNAVAILABLE); ``load`` attaches the
+    model, warms it up and turns health SERVING; ``stop`` drains.
+    """
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        self.servicer = ReliabilityServicer(settings, self.metrics)
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True,
+            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        )
+        size = settings.max_message_bytes
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.workers, thread_name_prefix="gradprobe-rpc"
+            ),
+            interceptors=[StatusInterceptor(self.metrics.observe_request)],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0),  # a busy port is an error, not a shared one
+            ],
+        )
+        pb_grpc.add_ReliabilityServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def start(self) -> None:
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from exc
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address} (in use?)")
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server.start()
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+
+    def load(self, assessor: Assessor | Callable[[], Assessor]) -> None:
+        """Attach the model (loading it first when given a loader), warm up, then SERVING."""
+        if not isinstance(assessor, Assessor):
+            assessor = assessor()
+        self.servicer.attach(assessor)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` seconds."""
+        grace = self.settings.grace_s if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.servicer.close(timeout=grace)
+        self.metrics.stop()
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+
+def load_default_assessor(settings: Settings) -> Assessor:
+    """The classifier (default, or ``settings.model_dir``) with its default detector H, on the
+    settings' device; H is trained first if absent."""
+    from service import artifacts
+    from service.classifier import load_classifier
+
+    device = settings.resolved_device()
+    if settings.model_dir is not None:
+        classifier = load_classifier(settings.model_dir, device=device)
+    else:
+        classifier = artifacts.load_default_classifier(device, quiet=settings.quiet)
+    detector = artifacts.load_default_detector(classifier, quiet=settings.quiet)
+    return Assessor(classifier, detector, device)
+
+
+def serve(settings: Settings, assessor: Assessor | Callable[[], Assessor]) -> int:
+    """Run a server until SIGTERM or SIGINT, then drain and return 0.
+
+    Prints ``gradprobe serve: ready on HOST:PORT`` to stderr once health is SERVING.
+    """
+    logging.basicConfig(
+        level=logging.WARNING if settings.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    server = ReliabilityServer(settings)
+    server.start()
+    log.info(
+        "listening on %s (metrics port %s); loading the model", server.target, server.metrics_port
+    )
+    try:
+        server.load(assessor)
+    except Exception:
+        server.stop(grace=0)
+        raise
+    metrics = f", metrics on {settings.host}:{server.metrics_port}" if server.metrics_port else ""
+    print(f"gradprobe serve: ready on {server.target}{metrics}", file=sys.stderr, flush=True)
+    while not stopping.wait(0.5):
+        pass
+    log.info("shutting down: draining in-flight requests (grace %.1fs)", settings.grace_s)
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+__all__ = [
+    "ReliabilityServer",
+    "ReliabilityServicer",
+    "ServiceError",
+    "decode_images",
+    "load_default_assessor",
+    "serve",
+]

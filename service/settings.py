@@ -1,0 +1,156 @@
+"""The server's settings: one dataclass, filled from command-line flags and ``GRADPROBE_*``
+environment variables (a flag wins over the environment, the environment over the default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GRADPROBE_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    metrics_port: int = 9464  # Prometheus /metrics; 0: any free port, -1: off
+    max_batch_size: int = 32  # images per micro-batch
+    # How long the oldest request of a micro-batch waits for company. Short: on CPU, requests
+    # that arrive during a pass already batch up (see benchmarks/RESULTS.md).
+    max_wait_ms: float = 2.0
+    max_queue: int = 512  # images waiting for compute; beyond → RESOURCE_EXHAUSTED
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_images_per_request: int = 256
+    device: str = "auto"  # auto: cuda when torch sees it, else cpu
+    workers: int = 64  # gRPC handler threads = concurrent RPCs in flight
+    batching: bool = True  # off: one request per compute, for comparison
+    grace_s: float = 10.0  # on SIGTERM, how long in-flight requests get to finish
+    model_dir: Path | None = None  # default: the built-in Fashion-MNIST classifier
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, "port must be in 0..65535"),
+            (-1 <= self.metrics_port <= 65535, "metrics_port must be in -1..65535"),
+            (self.max_batch_size >= 1, "max_batch_size must be at least 1"),
+            (self.max_wait_ms >= 0, "max_wait_ms must be >= 0"),
+            (self.max_images_per_request >= 1, "max_images_per_request must be at least 1"),
+            (
+                self.max_queue >= self.max_images_per_request,
+                "max_queue must be >= max_images_per_request (a full request must fit)",
+            ),
+            (self.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
+            (self.workers >= 1, "workers must be at least 1"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (self.grace_s >= 0, "grace_s must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(f"{message} (got {self._describe()})")
+
+    def _describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+    @classmethod
+    def from_sources(
+        cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Flags (attributes of ``args`` that are not None) over ``GRADPROBE_<NAME>``."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            flag = getattr(args, f.name, None) if args is not None else None
+            if flag is not None:
+                values[f.name] = flag
+            elif (raw := env.get(ENV_PREFIX + f.name.upper())) is not None:
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        return cls(**values)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("device cuda was asked for, but torch sees no CUDA device")
+        return self.device
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    variable = ENV_PREFIX + name.upper()
+    try:
+        if type_name == "bool":
+            if raw.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError(raw)
+            return raw.strip().lower() in _TRUE
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name.startswith("Path"):
+            return Path(raw) if raw else None
+        return raw
+    except ValueError:
+        raise SettingsError(f"{variable}={raw!r} is not a valid {type_name}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server flags; every default is None so unset flags fall back to the environment."""
+    defaults = Settings()
+    add = parser.add_argument
+    add("--host", help=f"address to listen on (default {defaults.host}; $GRADPROBE_HOST)")
+    add("--port", type=int, help=f"gRPC port, 0 = any free (default {defaults.port})")
+    add(
+        "--metrics-port",
+        type=int,
+        help=f"Prometheus /metrics port, 0 = any free, -1 = off (default {defaults.metrics_port})",
+    )
+    add(
+        "--max-batch-size",
+        type=int,
+        help=f"images per micro-batch (default {defaults.max_batch_size})",
+    )
+    add(
+        "--max-wait-ms",
+        type=float,
+        help=f"longest wait for a micro-batch to fill (default {defaults.max_wait_ms})",
+    )
+    add(
+        "--max-queue",
+        type=int,
+        help=f"images waiting at most; more → RESOURCE_EXHAUSTED (default {defaults.max_queue})",
+    )
+    add(
+        "--max-message-bytes",
+        type=int,
+        help=f"largest request accepted (default {defaults.max_message_bytes})",
+    )
+    add(
+        "--max-images-per-request",
+        type=int,
+        help=f"default {defaults.max_images_per_request}",
+    )
+    add("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
+    add("--workers", type=int, help=f"concurrent RPCs in flight (default {defaults.workers})")
+    add(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="micro-batch concurrent requests (default on)",
+    )
+    add(
+        "--grace-s",
+        type=float,
+        help=f"on SIGTERM, time for in-flight requests (default {defaults.grace_s})",
+    )
+    add("--model-dir", type=Path, help="classifier folder (default: the built-in model)")
+    add("-q", "--quiet", action="store_true", default=None, help="no notes on stderr")
