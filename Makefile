@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench proto
 setup:
 	@bash deploy/setup.sh
 
@@ -13,10 +13,13 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-test: setup
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest
+
+proto: setup
+	$(BIN)/python -m service.protos
 
 bench: setup
 	$(BIN)/python -m benchmarks.features

@@ -150,9 +150,7 @@ class GradientFeatures:
             # Some output was overwritten in place: copies are needed for this model.
             self._protect_outputs = True
 
-    def _compute_chunk(
-        self, x: Tensor, timings: dict[str, float]
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _compute_chunk(self, x: Tensor, timings: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:
         start = time.perf_counter()
         logits, captures = self._forward(x)
         for (name, _), capture in zip(self._layers, captures, strict=True):

@@ -156,12 +156,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_assess(args: argparse.Namespace) -> int:
+    images = _read_images(args.images)
+    rows = _assess_remote(args, images) if args.server else _assess_local(args, images)
+    if rows is None:
+        return 1
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        if not args.quiet:
+            print(f"wrote {args.output}: {len(rows)} verdicts", file=sys.stderr)
+    return 0
+
+
+def _assess_local(args: argparse.Namespace, images: np.ndarray) -> list[dict]:
+    """In this process: the classifier and its default detector H (trained if absent)."""
+    from service.artifacts import load_default_detector
+    from service.assessor import Assessor
+
+    loaded = _load(args)
+    detector = load_default_detector(loaded, quiet=args.quiet)
+    assessor = Assessor(loaded, detector, device=_device(args.device))
+    rows = []
+    for start in range(0, len(images), args.batch_size):
+        batch = assessor.assess(images[start : start + args.batch_size])
+        for offset, a in enumerate(batch.assessments):
+            rows.append(
+                {
+                    "index": start + offset,
+                    "prediction": a.prediction,
+                    "class_name": assessor.classes[a.prediction],
+                    "verdict": a.verdict,
+                    "scores": a.scores,
+                }
+            )
+    return rows
+
+
+def _assess_remote(args: argparse.Namespace, images: np.ndarray) -> list[dict] | None:
+    """Through a running `gradprobe serve`; None after printing the server's error."""
     import grpc
 
     from service.client import ReliabilityClient
 
-    images = _read_images(args.images)
-    lines = []
+    rows = []
     with ReliabilityClient(args.server, timeout=args.timeout, wait_for_ready=False) as client:
         for start in range(0, len(images), args.batch_size):
             try:
@@ -174,22 +213,16 @@ def cmd_assess(args: argparse.Namespace) -> int:
                     + (hint if code == grpc.StatusCode.UNAVAILABLE else ""),
                     file=sys.stderr,
                 )
-                return 2 if code == grpc.StatusCode.INVALID_ARGUMENT else 1
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidInput(exc.details()) from None
+                return None
             for answer in answers:
                 keys = ("prediction", "class_name", "verdict", "scores")
-                row = {"index": start + answer["index"], **{k: answer[k] for k in keys}}
-                lines.append(json.dumps(row))
-    text = "\n".join(lines) + "\n"
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text)
-        if not args.quiet:
-            print(f"wrote {args.output}: {len(lines)} verdicts", file=sys.stderr)
-    return 0
+                rows.append({"index": start + answer["index"], **{k: answer[k] for k in keys}})
+    return rows
 
 
-def _add_service_commands(sub: argparse._SubParsersAction) -> None:
+def _add_service_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from service.settings import add_arguments
 
     serve = sub.add_parser(
@@ -205,11 +238,16 @@ def _add_service_commands(sub: argparse._SubParsersAction) -> None:
 
     assess = sub.add_parser(
         "assess",
-        help="send images to a running server; one JSON line per image",
-        description="Send a .npy batch to `gradprobe serve` and print one JSON object per "
-        "image: index, prediction, class_name, verdict, scores.",
+        parents=[common],
+        help="verdicts for a batch of images; one JSON line per image",
+        description="Assess a .npy batch and print one JSON object per image: index, "
+        "prediction, class_name, verdict, scores (in_distribution, ood, corrupted, "
+        "adversarial). In this process by default (the detector H is trained on first use); "
+        "with --server, through a running `gradprobe serve`.",
     )
-    assess.add_argument("--server", required=True, help="HOST:PORT of the server")
+    assess.add_argument(
+        "--server", default=None, help="HOST:PORT of a running server (default: assess locally)"
+    )
     assess.add_argument("--images", type=Path, required=True, help=f".npy file: {EXPECTED}")
     assess.add_argument(
         "--output", type=Path, default=None, help=".jsonl file to write (default: stdout)"
@@ -220,7 +258,6 @@ def _add_service_commands(sub: argparse._SubParsersAction) -> None:
     assess.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per request (default 60)"
     )
-    assess.add_argument("-q", "--quiet", action="store_true", help="no notes on stderr")
     assess.set_defaults(func=cmd_assess)
 
 
@@ -388,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", type=Path, default=None, help="also save a PNG of the feature distributions here"
     )
     demo.set_defaults(func=cmd_demo)
-    _add_service_commands(sub)
+    _add_service_commands(sub, common)
     _add_detector_commands(sub, common)
     return parser
 

@@ -41,10 +41,14 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torchattacks.attack import Attack
 
 _EPS_LEVELS = (0.05, 0.1, 0.2)
 _DEFAULT_EPS = 0.1
@@ -205,13 +209,20 @@ def attack(
             raise ValueError("labels must be class indices of the model's logits")
         indices = np.flatnonzero(clean_pred == y).astype(np.int64)
         adv = np.empty((len(indices), *x.shape[1:]), dtype=np.float32)
-        target = model if spec.access == "white-box" else _QueryOnly(model)
+        # eval() too: torchattacks puts back train mode on a model it found training
+        target = model if spec.access == "white-box" else _QueryOnly(model).eval()
         atk = _make_attack(spec, target, level, device)
         batches = range(0, len(indices), batch_size)
         from tqdm import tqdm  # lazy, as elsewhere in the project
 
         for b, lo in enumerate(
-            tqdm(batches, desc=f"{name} {level:g}", unit="batch", disable=not progress, file=sys.stderr)
+            tqdm(
+                batches,
+                desc=f"{name} {level:g}",
+                unit="batch",
+                disable=not progress,
+                file=sys.stderr,
+            )
         ):
             rows = indices[lo : lo + batch_size]
             # A seed per batch: a batch's draws do not depend on the batches before it.
@@ -221,7 +232,9 @@ def attack(
                 atk.seed = batch_seed  # Square reseeds torch itself from this
             xb = torch.from_numpy(x[rows]).to(device)
             yb = torch.from_numpy(y[rows]).to(device)
-            with torch.enable_grad():  # white-box attacks need autograd even if the caller disabled it
+            with (
+                torch.enable_grad()
+            ):  # white-box attacks need autograd even if the caller disabled it
                 out = atk(xb, yb)
             adv[lo : lo + len(rows)] = out.detach().clamp_(0.0, 1.0).cpu().numpy()
         adv_pred = _predict(model, adv, batch_size, device)
@@ -269,7 +282,7 @@ class _QueryOnly(nn.Module):
             return self.model(x)
 
 
-def _make_attack(spec: AttackSpec, model: nn.Module, level: float, device: torch.device) -> object:
+def _make_attack(spec: AttackSpec, model: nn.Module, level: float, device: torch.device) -> Attack:
     import torchattacks  # lazy: only the challenge-data build needs it
 
     match spec.name:
@@ -328,7 +341,9 @@ def _check_strength(spec: AttackSpec, strength: float | None) -> float:
 def _check_images(images: np.ndarray) -> np.ndarray:
     arr = np.asarray(images)
     if arr.ndim != 4:
-        raise ValueError(f"images must have shape (n, C, H, W), e.g. (n, 1, 28, 28), got {arr.shape}")
+        raise ValueError(
+            f"images must have shape (n, C, H, W), e.g. (n, 1, 28, 28), got {arr.shape}"
+        )
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(
             f"images must be floating point in [0, 1] (e.g. float32), got dtype {arr.dtype}; "
@@ -363,7 +378,10 @@ def _attack_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     restored afterwards. Frozen parameters keep C&W's ``backward`` from writing ``.grad``."""
     training = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in model.parameters()]
-    cuda = [device.index or 0] if device.type == "cuda" else []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        cuda = []
     with torch.random.fork_rng(devices=cuda):
         try:
             model.eval()
