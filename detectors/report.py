@@ -147,6 +147,9 @@ def write_report(
             f"| {name} | {row['macro_f1']:.4f} | {row['ood']:.4f} | "
             f"{row['corrupted']:.4f} | {row['adversarial']:.4f} |"
         )
+    lines += ["", "## Attack success rates (test split; only successful attacks are used)", ""]
+    lines += ["| attack:strength | success rate |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in test.attack_success.items()]
     lines += [
         "",
         "## Every kind (AUROC / FPR@95%TPR / detection accuracy)",

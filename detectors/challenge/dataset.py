@@ -61,6 +61,7 @@ class ChallengeSplit:
     family: np.ndarray  # int64 (n,), index into FAMILIES
     kind: np.ndarray  # str (n,): "clean", "ood:mnist", "corrupted:snow:3", "adversarial:pgd:0.1"
     source: np.ndarray  # int64 (n,): Fashion-MNIST test index, or -1 for OOD images
+    attack_success: dict[str, float] = field(default_factory=dict)  # "pgd:0.1" → rate
 
     def __len__(self) -> int:
         return len(self.family)
@@ -72,16 +73,25 @@ class ChallengeSplit:
             family=self.family,
             kind=self.kind.astype(str),
             source=self.source,
+            attack_names=np.array(list(self.attack_success), dtype=str),
+            attack_success=np.array(list(self.attack_success.values()), dtype=float),
         )
 
     @classmethod
     def load(cls, path: Path) -> ChallengeSplit:
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["images"], data["family"], data["kind"], data["source"])
+            success = dict(
+                zip(data["attack_names"].tolist(), data["attack_success"].tolist(), strict=True)
+            )
+            return cls(data["images"], data["family"], data["kind"], data["source"], success)
 
     def select(self, mask: np.ndarray) -> ChallengeSplit:
         return ChallengeSplit(
-            self.images[mask], self.family[mask], self.kind[mask], self.source[mask]
+            self.images[mask],
+            self.family[mask],
+            self.kind[mask],
+            self.source[mask],
+            self.attack_success,
         )
 
 
@@ -118,6 +128,7 @@ def build_split(
     test = load_fashion_mnist("test")
     sources = source_indices(recipe.seed)[split]
     images, family, kind, source = [], [], [], []
+    success: dict[str, float] = {}
 
     def add(x: np.ndarray, fam: str, name: str, src: np.ndarray) -> None:
         images.append(x.reshape(-1, 1, 28, 28).astype(np.float32))
@@ -143,8 +154,9 @@ def build_split(
     n = recipe.adversarial_per_variant[split]
     for name, spec in ATTACKS.items():
         for strength in spec.strengths:
-            # Draw extra sources: attacks keep only images the clean model got right.
-            src = rng.choice(sources, size=min(len(sources), int(n * 1.25) + 8), replace=False)
+            # Attacks keep only images the clean model got right, and only a successful
+            # attack (the prediction changed) is a silent error worth detecting: draw extra.
+            src = rng.choice(sources, size=min(len(sources), 2 * n + 16), replace=False)
             result = attack(
                 model,
                 to_float(test.images[src]),
@@ -154,15 +166,21 @@ def build_split(
                 seed=recipe.seed,
                 progress=progress,
             )
-            keep = np.arange(min(n, len(result.indices)))
+            fooled = np.flatnonzero(result.adv_pred != result.clean_pred)[:n]
+            label = f"{name}:{strength:g}"
             add(
-                result.images[keep],
+                result.images[fooled],
                 "adversarial",
-                f"adversarial:{name}:{strength:g}",
-                src[result.indices[keep]],
+                f"adversarial:{label}",
+                src[result.indices[fooled]],
             )
+            success[label] = float(result.success_rate)
     return ChallengeSplit(
-        np.concatenate(images), np.concatenate(family), np.concatenate(kind), np.concatenate(source)
+        np.concatenate(images),
+        np.concatenate(family),
+        np.concatenate(kind),
+        np.concatenate(source),
+        success,
     )
 
 
