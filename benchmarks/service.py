@@ -20,7 +20,6 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,26 +29,13 @@ LATENCY_CALLS = 60
 
 
 def _assessor() -> tuple[Any, str]:
-    """The default assessor if H is already built (never trained here), else the test one."""
+    """The default classifier with the default detector H (trained first if absent)."""
     from service import artifacts
     from service.assessor import Assessor
 
     classifier = artifacts.load_default_classifier(quiet=True)
-    try:
-        from detectors.detector import MANIFEST_FILE
-
-        built = (artifacts.default_detector_dir(classifier) / MANIFEST_FILE).exists()
-        if built:
-            detector = artifacts.load_default_detector(classifier, quiet=True)
-            return Assessor(classifier, detector, "cpu"), f"default H ({detector.version})"
-    except (ImportError, AttributeError) as exc:
-        print(f"note: default detector unavailable ({exc})", file=sys.stderr)
-    tests = Path(__file__).resolve().parent.parent / "tests" / "service"
-    sys.path.insert(0, str(tests))
-    from grpc_support import fit_detector
-
-    detector = fit_detector(classifier, per_set=100)
-    return Assessor(classifier, detector, "cpu"), "test logistic detector (tests/service)"
+    detector = artifacts.load_default_detector(classifier, quiet=True)
+    return Assessor(classifier, detector, "cpu"), f"default H ({detector.version})"
 
 
 def _start(assessor: Any, batching: bool, max_wait_ms: float) -> Any:

@@ -1,9 +1,11 @@
-"""The main job on the default deployment: what the gradient features see.
+"""The main job on the default deployment: the service answering real requests.
 
 Clean Fashion-MNIST test images are compared with out-of-distribution digits, corrupted
-images and adversarial images. For each set the report shows the classifier's confidence, the
-median per-layer gradient norm, and how well one unsupervised score (log of the summed
-gradient norms over all labels and layers) separates the set from clean data (AUROC).
+images and adversarial images. First, what the gradient features see: for each set the
+classifier's confidence, the median per-layer gradient norm, and how well one unsupervised
+score (log of the summed gradient norms) separates the set from clean data (AUROC). Then the
+gRPC service is started on loopback with the detector H, every set is sent to it through the
+client, and its verdicts and the metrics endpoint are printed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from detectors.datasets import load_fashion_mnist, to_float
 from detectors.gradients import GradientFeatures
@@ -32,15 +32,6 @@ class SetReport:
     scores: np.ndarray
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """One signed-gradient step of size ``eps`` (Goodfellow et al. 2015), clipped to [0, 1]."""
-    x = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y)
-        (grad,) = torch.autograd.grad(loss, x)
-    return (x + eps * grad.sign()).clamp_(0, 1).detach()
-
-
 def challenge_sets(loaded: LoadedClassifier, per_set: int, seed: int = 0) -> dict:
     """name → (float32 images (n, 1, 28, 28), labels or None)."""
     from detectors.challenge.corruptions import corrupt
@@ -53,19 +44,19 @@ def challenge_sets(loaded: LoadedClassifier, per_set: int, seed: int = 0) -> dic
     clean_x, clean_y = to_float(test.images[clean]), test.labels[clean]
     spare_x, spare_y = to_float(test.images[spare]), test.labels[spare]
 
+    from detectors.challenge.adversarial import attack
+
     digits = mnist_digits(seed=seed)
     digits = digits[rng.choice(len(digits), size=per_set, replace=False)][:, None]
     noisy = corrupt(spare_x, "noise", 3, seed=seed)
-    blurred = corrupt(spare_x, "gaussian_blur", 3, seed=seed)
-    adversarial = fgsm(
-        loaded.module, torch.from_numpy(spare_x), torch.from_numpy(spare_y), eps=0.1
-    ).numpy()
+    snowy = corrupt(spare_x, "snow", 3, seed=seed)
+    pgd = attack(loaded.module, spare_x, spare_y, "pgd", 0.1, seed=seed)
     return {
         "clean (Fashion-MNIST test)": (clean_x, clean_y),
         "ood: MNIST digits": (digits.astype(np.float32), None),
         "corrupted: noise, level 3": (noisy, spare_y),
-        "corrupted: gaussian blur, level 3": (blurred, spare_y),
-        "adversarial: FGSM eps=0.1": (adversarial, spare_y),
+        "corrupted: snow, level 3": (snowy, spare_y),
+        "adversarial: PGD eps=0.1": (pgd.images, spare_y[pgd.indices]),
     }
 
 
@@ -126,7 +117,51 @@ def run_demo(
     if plot is not None:
         _plot(reports, plot)
         print(f"\nplot: {plot}")
+    _serve_and_send(loaded, sets, quiet=quiet)
     return 0
+
+
+def _serve_and_send(loaded: LoadedClassifier, sets: dict, quiet: bool) -> None:
+    """Start the gRPC service on loopback, send every set through the client, print verdicts."""
+    import urllib.request
+
+    from service.artifacts import load_default_detector
+    from service.assessor import VERDICTS, Assessor
+    from service.client import ReliabilityClient
+    from service.server import ReliabilityServer
+    from service.settings import Settings
+
+    detector = load_default_detector(loaded, quiet=quiet)
+    server = ReliabilityServer(Settings(port=0, metrics_port=0, quiet=True))
+    server.start()
+    try:
+        server.load(Assessor(loaded, detector, device=str(next(loaded.module.parameters()).device)))
+        print(
+            f"\ngRPC service gradprobe.v1.Reliability on {server.target}; Prometheus "
+            f"metrics on http://127.0.0.1:{server.metrics_port}/metrics"
+        )
+        print(f"detector H {detector.version} (sha256 {detector.sha256[:12]}…)")
+        print(
+            f"\nverdicts from the service (share of each set):\n{'set':<36}"
+            + "".join(f"{v:>17}" for v in VERDICTS)
+            + f"{'p50 ms':>9}"
+        )
+        with ReliabilityClient(server.target) as client:
+            for name, (images, _) in sets.items():
+                answers = []
+                for start in range(0, len(images), 32):
+                    answers += client.assess(images[start : start + 32])
+                shares = [np.mean([a["verdict"] == v for a in answers]) for v in VERDICTS]
+                latency = np.median([a["timings"]["total_ms"] for a in answers])
+                print(f"{name:<36}" + "".join(f"{x:>17.0%}" for x in shares) + f"{latency:>9.1f}")
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        counts = [line for line in lines if line.startswith("gradprobe_verdicts_total")]
+        print(f"\n{url} (verdict counters):")
+        print("\n".join(f"  {line}" for line in counts[:12]))
+    finally:
+        server.stop(grace=5)
 
 
 def _plot(reports: list[SetReport], path: Path) -> None:

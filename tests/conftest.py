@@ -20,3 +20,11 @@ def default_classifier(default_model_dir: Path):
     from service.classifier import load_classifier
 
     return load_classifier(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def default_detector(default_classifier):
+    """The default detector H, trained once per content (minutes on a new machine)."""
+    from service.artifacts import load_default_detector
+
+    return load_default_detector(default_classifier, quiet=True)

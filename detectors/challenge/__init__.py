@@ -1,5 +1,12 @@
 """Challenge data: corrupted (CURE-TSR-style) and out-of-distribution 28x28 images."""
 
+from detectors.challenge.adversarial import (
+    ATTACKS,
+    AttackResult,
+    AttackSpec,
+    attack,
+    success_report,
+)
 from detectors.challenge.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
@@ -15,13 +22,18 @@ from detectors.challenge.ood import (
 )
 
 __all__ = [
+    "ATTACKS",
     "CORRUPTIONS",
     "OOD_SETS",
     "SEVERITIES",
+    "AttackResult",
+    "AttackSpec",
+    "attack",
     "corrupt",
     "font_letters",
     "letter_fonts",
     "mnist_digits",
     "natural_patches",
     "plot_corruption_grid",
+    "success_report",
 ]

@@ -1,8 +1,4 @@
-"""Fixtures of the service tests: one assessor (classifier + detector H) for the session.
-
-The detector is the small logistic one of ``grpc_support``; to test against the default
-trained H instead, change the one line marked below.
-"""
+"""Fixtures of the service tests: one assessor (classifier + the default detector H)."""
 
 from __future__ import annotations
 
@@ -10,10 +6,8 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def detector(default_classifier):
-    from grpc_support import fit_detector
-
-    return fit_detector(default_classifier)  # swap: service.artifacts.load_default_detector()
+def detector(default_detector):
+    return default_detector
 
 
 @pytest.fixture(scope="session")

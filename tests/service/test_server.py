@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -330,18 +329,18 @@ def test_cli_assess_writes_one_json_line_per_image(server, assessor, images, tmp
 
 SERVE_SCRIPT = textwrap.dedent(
     """
-    import pickle, sys
-    sys.path.insert(0, {tests!r})
+    import sys
+    from detectors.detector import OnnxDetector
     from service.assessor import Assessor
     from service.classifier import load_classifier
     from service.server import serve
     from service.settings import Settings
 
-    with open({detector!r}, "rb") as f:
-        detector = pickle.load(f)
+    classifier = load_classifier({model!r})
+    detector = OnnxDetector({detector!r}, classifier.manifest.sha256)
     settings = Settings(port={port}, metrics_port=-1, max_batch_size=4, max_wait_ms=2,
                         max_images_per_request=32, grace_s=30)
-    sys.exit(serve(settings, lambda: Assessor(load_classifier({model!r}), detector, "cpu")))
+    sys.exit(serve(settings, lambda: Assessor(classifier, detector, "cpu")))
     """
 )
 
@@ -349,12 +348,9 @@ SERVE_SCRIPT = textwrap.dedent(
 def test_sigterm_drains_in_flight_requests_and_exits_0(
     tmp_path, detector, default_model_dir, images
 ):
-    detector_file = tmp_path / "detector.pkl"
-    detector_file.write_bytes(pickle.dumps(detector))
     port = free_port()
     script = SERVE_SCRIPT.format(
-        tests=str(Path(__file__).parent),
-        detector=str(detector_file),
+        detector=str(detector.folder),
         port=port,
         model=str(default_model_dir),
     )
