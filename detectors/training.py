@@ -6,7 +6,6 @@ gradient signals of each split (keyed by the split and the engine's code), the f
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from detectors.challenge.dataset import (
     load_challenge_split,
 )
 from detectors.datasets import load_fashion_mnist, to_float
+from detectors.fingerprint import code_fingerprint
 from detectors.signals import GROUPS, SignalFeaturizer, embed
 
 
@@ -36,8 +36,7 @@ class SplitSignals:
 
 
 def _engine_key() -> str:
-    code = Path(gradients.__file__).read_text() + Path(layer_norms.__file__).read_text()
-    return hashlib.sha256(code.encode()).hexdigest()[:12]
+    return code_fingerprint([Path(gradients.__file__), Path(layer_norms.__file__)])[:12]
 
 
 def split_signals(

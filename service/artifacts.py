@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from detectors import datasets
+from detectors.fingerprint import code_fingerprint
 from service import classifier as classifier_module
 from service.classifier import LoadedClassifier, TrainingRecipe
 
@@ -39,7 +40,7 @@ def gradprobe_home() -> Path:
 def default_model_key(recipe: TrainingRecipe | None = None) -> str:
     recipe = recipe or TrainingRecipe()
     parts = {
-        "code": Path(classifier_module.__file__).read_text(),
+        "code": code_fingerprint([Path(classifier_module.__file__)]),
         "recipe": asdict(recipe),
         "data": datasets.fashion_mnist_digest(),
         "torch": torch.__version__,
@@ -125,7 +126,7 @@ def default_detector_dir(classifier: LoadedClassifier) -> Path:
     """Keyed by the classifier, the challenge recipe and the code of everything H is made by."""
     import detectors
 
-    code = "".join(p.read_text() for p in sorted(Path(detectors.__file__).parent.rglob("*.py")))
+    code = code_fingerprint(Path(detectors.__file__).parent.rglob("*.py"))
     blob = json.dumps({"classifier": classifier.manifest.sha256, "code": code}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return gradprobe_home() / "detectors" / f"h-{key}"

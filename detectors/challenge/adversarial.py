@@ -10,18 +10,24 @@ Attacks and strength levels (``ATTACKS`` holds the exact values):
   in [0, 1]: 0.05 (≈ 13/255) is barely visible on 28×28 Fashion-MNIST, 0.1 is the usual
   Fashion-MNIST budget in the robustness literature, 0.2 is strong but below MNIST's 0.3.
   Smaller budgets (0.02) fool this model on only ~20-30 % of images even with PGD.
-  BIM and PGD take 10 steps of eps / 4 (so they can cross the eps ball and back); PGD starts
-  from a random point in the ball, BIM from the image.
+  BIM and PGD take 10 steps of eps / 4 (2.5 eps of travel: enough to reach any corner of
+  the ball from either start); PGD starts from a random point in the ball, BIM from the
+  image.
 * ``cw``: white-box Carlini-Wagner L2 (``torchattacks.CW``, kappa 0, 100 Adam steps, lr
   0.05). Its strength is the trade-off constant c (one level, 2.0): c = 1 leaves ~1 % of
   the images unfooled, c = 2 none, for a mean L2 of ~0.85, below FGSM's ~1.2 at eps 0.05.
+  torchattacks optimises in tanh space from atanh(2x - 1), so pixels exactly 0 or 1 (the
+  black background) never move: C&W perturbs the garment only.
 * ``square``: black-box L∞ Square Attack (random search on the margin loss, logits only),
-  at most 1000 queries per image, at the same eps levels as the white-box L∞ attacks. The
-  model is queried under ``torch.no_grad``: no gradient can reach it.
+  at most 500 queries per image, at the same eps levels as the white-box L∞ attacks. The
+  model is queried under ``torch.no_grad``: no gradient can reach it. Its cost is about
+  (images not yet fooled) × (queries), so it dominates the runtime at eps 0.05; 1000
+  queries would add ~10 points of success there (45 → 55 %) for twice the time.
 
-Measured on ~450-1000 correctly classified Fashion-MNIST test images against the default model,
-success rates at eps 0.05 / 0.1 / 0.2: FGSM ≈ 54 / 80 / 94 %, BIM and PGD ≈ 79 / 98 / 100 %,
-Square ≈ 55 / 91 / 100 %; C&W ≈ 100 % (mean L2 ≈ 0.85).
+Measured on the 1,840 images the default model gets right among 2,000 random Fashion-MNIST
+test images, success rates at eps 0.05 / 0.1 / 0.2: FGSM 48 / 76 / 94 %, BIM and PGD
+73 / 98 / 100 %, Square 45 / 84 / 100 %; C&W 100 % (mean L2 0.86). All of it takes about
+3 minutes on 2 idle CPU cores, two thirds of it Square and C&W.
 
 For CW and Square, torchattacks returns an image it failed to fool unchanged (the clean
 image); FGSM, BIM and PGD return it perturbed. ``AttackResult.success`` selects the images
@@ -36,6 +42,7 @@ they were.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -367,9 +374,8 @@ def _check_labels(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

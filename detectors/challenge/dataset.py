@@ -48,8 +48,9 @@ class ChallengeRecipe:
 
     def key(self, classifier_sha256: str) -> str:
         from detectors import challenge
+        from detectors.fingerprint import code_fingerprint
 
-        code = "".join(p.read_text() for p in sorted(Path(challenge.__file__).parent.glob("*.py")))
+        code = code_fingerprint(Path(challenge.__file__).parent.glob("*.py"))
         blob = json.dumps(
             {"recipe": asdict(self), "classifier": classifier_sha256, "code": code},
             sort_keys=True,
