@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batches", default="1,32,128")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--repeats", type=int, default=30, help="timed runs per row at most (fewer when slow)"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
