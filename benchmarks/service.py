@@ -2,14 +2,15 @@
 
     python -m benchmarks.service [--json] [--seconds 4]
 
-One server on a loopback port, in this process; clients are threads with their own channel.
+One server on a loopback port, in this process; the throughput clients are threads, each with
+its own channel, in a separate load-generator process (as in production, where clients never
+share the server's interpreter and its GIL).
 Latency: sequential Assess and Predict calls of one image each (p50, p99). Throughput: 1, 8
 and 32 concurrent clients sending one image per Assess for ``--seconds`` each, with
 micro-batching on and then off. The whole run takes about a minute on 2 CPU cores.
 
-The default detector H is used when its artifact is already built; otherwise the small
-logistic detector of the service tests is fitted (the output says which). H's own cost is a
-small part of Assess either way: the gradient pass dominates.
+The server runs the default classifier with the default detector H (trained first if absent).
+H's own cost is a small part of Assess: the gradient pass dominates.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -109,11 +111,25 @@ def _throughput(target: str, image: np.ndarray, clients: int, seconds: float) ->
     }
 
 
-def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
-    started = time.perf_counter()
+def _throughput_in_process(target: str, clients: int, seconds: float) -> dict[str, float]:
+    """The load comes from another process, as it would in production: client threads in
+    the server's own process would compete with it for the GIL and measure that instead."""
+    cmd = [sys.executable, "-m", "benchmarks.service", "--load", target, str(clients), str(seconds)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _first_test_image() -> np.ndarray:
     from detectors.datasets import load_fashion_mnist, to_float
 
-    image = to_float(load_fashion_mnist("test").images[:1])
+    return to_float(load_fashion_mnist("test").images[:1])
+
+
+def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    image = _first_test_image()
     assessor, detector = _assessor()
     result: dict[str, Any] = {"detector": detector, "device": assessor.device}
     server = _start(assessor, batching=True, max_wait_ms=max_wait_ms)
@@ -124,7 +140,7 @@ def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
         result["predict_p50_ms"], result["predict_p99_ms"] = _percentiles(predict)
         result["overhead_ratio"] = result["assess_p50_ms"] / result["predict_p50_ms"]
         for clients in CONCURRENCY:
-            point = _throughput(server.target, image, clients, seconds)
+            point = _throughput_in_process(server.target, clients, seconds)
             result[f"batched_rps_{clients}"] = point["rps"]
             result[f"batched_mean_batch_{clients}"] = point["mean_batch"]
     finally:
@@ -132,8 +148,8 @@ def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
     server = _start(assessor, batching=False, max_wait_ms=max_wait_ms)
     try:
         for clients in CONCURRENCY:
-            result[f"unbatched_rps_{clients}"] = _throughput(
-                server.target, image, clients, seconds
+            result[f"unbatched_rps_{clients}"] = _throughput_in_process(
+                server.target, clients, seconds
             )["rps"]
     finally:
         server.stop(0)
@@ -194,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="micro-batch wait (default: the server's default)",
     )
+    parser.add_argument("--load", nargs=3, help=argparse.SUPPRESS)  # target clients seconds
     args = parser.parse_args(argv)
+    if args.load:
+        target, clients, seconds = args.load
+        print(json.dumps(_throughput(target, _first_test_image(), int(clients), float(seconds))))
+        return 0
     if args.max_wait_ms is None:
         from service.settings import Settings
 
