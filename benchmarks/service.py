@@ -173,8 +173,8 @@ def markdown(r: dict[str, Any]) -> str:
     )
     return f"""## gRPC service (`python -m benchmarks.service`)
 
-{environment()}; device {r["device"]}; detector: {r["detector"]}. Server and clients in one
-process on loopback; one image per request.
+{environment()}; device {r["device"]}; detector: {r["detector"]}. Server in one process,
+throughput clients in another, on loopback, sharing the same cores; one image per request.
 
 | one image, sequential | p50 ms | p99 ms |
 |---|---:|---:|

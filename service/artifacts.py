@@ -30,7 +30,6 @@ from service.classifier import LoadedClassifier, TrainingRecipe
 
 if TYPE_CHECKING:
     from detectors.detector import OnnxDetector
-    from service.assessor import Assessor
 
 
 def gradprobe_home() -> Path:
@@ -157,10 +156,3 @@ def load_default_detector(
     return OnnxDetector(
         ensure_default_detector(classifier, quiet=quiet), classifier.manifest.sha256
     )
-
-
-def load_default_assessor(device: str = "cpu", *, quiet: bool = False) -> Assessor:
-    from service.assessor import Assessor
-
-    classifier = load_default_classifier(device, quiet=quiet)
-    return Assessor(classifier, load_default_detector(classifier, quiet=quiet), device=device)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.inputs import EXPECTED, InvalidInput
+from service.inputs import EXPECTED, InvalidInput, load_images
 
 if TYPE_CHECKING:
     from service.classifier import LoadedClassifier
@@ -84,7 +84,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     from detectors.gradients import GradientFeatures
 
-    images = _read_images(args.images)
+    images = load_images(args.images)
     loaded = _load(args)
     engine = GradientFeatures(loaded.module, labels=args.labels, max_batch=args.batch_size)
     if engine.layer_names != loaded.manifest.layers:
@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_assess(args: argparse.Namespace) -> int:
-    images = _read_images(args.images)
+    images = load_images(args.images)
     rows = _assess_remote(args, images) if args.server else _assess_local(args, images)
     if rows is None:
         return 1
@@ -259,12 +259,6 @@ def _add_service_commands(sub: argparse._SubParsersAction, common: argparse.Argu
         "--timeout", type=float, default=60.0, help="seconds per request (default 60)"
     )
     assess.set_defaults(func=cmd_assess)
-
-
-def _read_images(path: Path) -> np.ndarray:
-    from service.inputs import load_images
-
-    return load_images(path)
 
 
 def cmd_train_detector(args: argparse.Namespace) -> int:
