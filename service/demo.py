@@ -100,9 +100,11 @@ def run_demo(
     print(f"classifier: {loaded.path} (test accuracy {loaded.manifest.test_accuracy:.2%})")
     print(f"features: {engine.layer_names} × {len(loaded.manifest.classes)} contrast labels")
     header = f"{'set':<36}{'n':>5}{'acc':>7}{'conf':>7}  "
-    header += "".join(f"{name:>10}" for name in engine.layer_names) + f"{'AUROC':>8}"
-    print("\nmedian squared gradient norm per layer (summed over labels), and AUROC of the")
-    print("log total norm against the clean set (1.0 = fully separated, 0.5 = chance):")
+    header += "".join(f"{name:>10}" for name in engine.layer_names) + f"{'AUROC':>9}"
+    print("\nmedian squared gradient norm per layer (summed over labels), and how well the log")
+    print("total norm alone separates each set from the clean one: AUROC, 1.0 = fully, 0.5 =")
+    print("chance; ↑ the set asks for larger gradients than clean data, ↓ smaller. H (below)")
+    print("combines all layers and labels and learns which direction means what.")
     print(header)
     for report in reports:
         acc = "-" if report.accuracy is None else f"{report.accuracy:.0%}"
@@ -110,9 +112,10 @@ def run_demo(
             auroc = "-"
         else:
             truth = np.r_[np.zeros(clean.images), np.ones(report.images)]
-            auroc = f"{roc_auc_score(truth, np.r_[clean.scores, report.scores]):.3f}"
+            value = roc_auc_score(truth, np.r_[clean.scores, report.scores])
+            auroc = f"{max(value, 1 - value):.3f}{'↑' if value >= 0.5 else '↓'}"
         row = f"{report.name:<36}{report.images:>5}{acc:>7}{report.mean_confidence:>7.2f}  "
-        row += "".join(f"{v:>10.3g}" for v in report.layer_medians) + f"{auroc:>8}"
+        row += "".join(f"{v:>10.3g}" for v in report.layer_medians) + f"{auroc:>9}"
         print(row)
     if plot is not None:
         _plot(reports, plot)
@@ -146,20 +149,26 @@ def _serve_and_send(loaded: LoadedClassifier, sets: dict, quiet: bool) -> None:
             + "".join(f"{v:>17}" for v in VERDICTS)
             + f"{'p50 ms':>9}"
         )
+        sent = 0
         with ReliabilityClient(server.target) as client:
             for name, (images, _) in sets.items():
+                sent += len(images)
                 answers = []
                 for start in range(0, len(images), 32):
                     answers += client.assess(images[start : start + 32])
                 shares = [np.mean([a["verdict"] == v for a in answers]) for v in VERDICTS]
-                latency = np.median([a["timings"]["total_ms"] for a in answers])
+                latency = np.median([a["timings_ms"]["total"] for a in answers])
                 print(f"{name:<36}" + "".join(f"{x:>17.0%}" for x in shares) + f"{latency:>9.1f}")
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             lines = response.read().decode().splitlines()
-        counts = [line for line in lines if line.startswith("gradprobe_verdicts_total")]
-        print(f"\n{url} (verdict counters):")
-        print("\n".join(f"  {line}" for line in counts[:12]))
+        totals = dict.fromkeys(VERDICTS, 0.0)
+        for line in lines:
+            if line.startswith("gradprobe_verdicts_total{"):
+                verdict = line.split('verdict="', 1)[1].split('"', 1)[0]
+                totals[verdict] += float(line.rsplit(" ", 1)[1])
+        print(f"\nsent {sent} images; {url} counts, by verdict (gradprobe_verdicts_total):")
+        print("  " + ", ".join(f"{v}: {n:g}" for v, n in totals.items()))
     finally:
         server.stop(grace=5)
 
