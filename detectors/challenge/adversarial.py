@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detectors.challenge._checks import clipped_unit_range
+
 if TYPE_CHECKING:
     from torchattacks.attack import Attack
 
@@ -69,7 +71,6 @@ _CW_LR = 0.05
 # Square: queries bound the runtime (each is a forward pass of the images not yet fooled).
 _SQUARE_QUERIES = 500
 _SQUARE_P_INIT = 0.8  # initial share of pixels in a square (the paper's and library's default)
-_RANGE_TOL = 1e-4  # float rounding slack on the [0, 1] input check
 
 
 @dataclass(frozen=True)
@@ -356,14 +357,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
             f"images must be floating point in [0, 1] (e.g. float32), got dtype {arr.dtype}; "
             "convert uint8 images with detectors.datasets.to_float"
         )
-    x = np.ascontiguousarray(arr, dtype=np.float32)
-    if x.size:
-        if not np.isfinite(x).all():
-            raise ValueError("images contain NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -_RANGE_TOL or hi > 1.0 + _RANGE_TOL:
-            raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return np.clip(x, 0.0, 1.0)
+    return clipped_unit_range(np.ascontiguousarray(arr, dtype=np.float32))
 
 
 def _check_labels(labels: np.ndarray, n: int) -> np.ndarray:

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from detectors.challenge._checks import clipped_unit_range
+
 CORRUPTIONS: tuple[str, ...] = (
     "noise",
     "lens_blur",
@@ -47,7 +49,6 @@ CORRUPTIONS: tuple[str, ...] = (
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 _SIZE = 28  # parameters below are tuned in pixels for 28x28 images
-_RANGE_TOL = 1e-4  # float rounding slack on the [0, 1] input check
 _CHUNK = 256  # images per vectorised step; part of the seed -> output mapping
 
 _NOISE_SIGMA = (0.05, 0.08, 0.11, 0.15, 0.21)
@@ -118,13 +119,7 @@ def _as_batch(images: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
             "convert uint8 images with images.astype(np.float32) / 255"
         )
     x = arr.astype(np.float32).reshape(-1, _SIZE, _SIZE)
-    if x.size:
-        if not np.isfinite(x).all():
-            raise ValueError("images contain NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -_RANGE_TOL or hi > 1.0 + _RANGE_TOL:
-            raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return np.clip(x, 0.0, 1.0), arr.shape
+    return clipped_unit_range(x), arr.shape
 
 
 def _smooth_field(rng: np.random.Generator, b: int, sigma: float) -> np.ndarray:
