@@ -28,3 +28,11 @@ def default_detector(default_classifier):
     from service.artifacts import load_default_detector
 
     return load_default_detector(default_classifier, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def assessor(default_classifier, default_detector):
+    """The service core on the default classifier and detector H, shared by server tests."""
+    from service.assessor import Assessor
+
+    return Assessor(default_classifier, default_detector, "cpu")

@@ -346,11 +346,11 @@ SERVE_SCRIPT = textwrap.dedent(
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(
-    tmp_path, detector, default_model_dir, images
+    tmp_path, default_detector, default_model_dir, images
 ):
     port = free_port()
     script = SERVE_SCRIPT.format(
-        detector=str(detector.folder),
+        detector=str(default_detector.folder),
         port=port,
         model=str(default_model_dir),
     )
