@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ examples:
   gradprobe info --json
   gradprobe features --images batch.npy --output features.npy
   gradprobe demo
+  gradprobe serve --port 50051 --metrics-port 9464
+  gradprobe archive --mode gate --export-path model-store
 """
 
 
@@ -421,7 +424,97 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     _add_service_commands(sub, common)
     _add_detector_commands(sub, common)
+    _add_archive_command(sub, common)
     return parser
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from service.artifacts import ensure_default_model
+    from service.torchserve_archive import ArchiveOptions, build_archive
+
+    model_dir = args.model_dir or ensure_default_model(quiet=args.quiet)
+    options = ArchiveOptions(
+        mode=args.mode,
+        target=args.target,
+        timeout_ms=args.timeout_ms,
+        on_unreliable=args.on_unreliable,
+        on_unavailable=args.on_unavailable,
+        batch_size=args.ts_batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms,
+        workers=args.workers,
+    )
+    try:
+        path = build_archive(
+            model_dir, args.export_path, name=args.name, options=options, force=args.force
+        )
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from exc
+    print(path)
+    return 0
+
+
+def _add_archive_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    archive = sub.add_parser(
+        "archive",
+        parents=[common],
+        help="pack the classifier and the GradProbe handler for TorchServe (.mar)",
+        description=textwrap.fill(
+            "Write a TorchServe model archive: the exported classifier, its manifest, "
+            "the GradProbe handler (deploy/torchserve/) and the gRPC stubs. TorchServe serves "
+            "predictions as usual and asks the GradProbe sidecar for a verdict per batch. The "
+            "--mode/--target/--timeout-ms/--on-* values go to the archive's model-config.yaml; "
+            "at run time GRADPROBE_TS_MODE, GRADPROBE_TS_TARGET, GRADPROBE_TS_TIMEOUT_MS, "
+            "GRADPROBE_TS_ON_UNRELIABLE and GRADPROBE_TS_ON_UNAVAILABLE override them.",
+            width=88,
+        ),
+        epilog="example:\n  gradprobe archive --mode gate --on-unreliable refuse "
+        "--export-path model-store\n  torchserve --start --model-store model-store "
+        "--models fashion=fashion.mar --disable-token-auth",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    archive.add_argument(
+        "--export-path", type=Path, default=Path("model-store"), help="folder (default model-store)"
+    )
+    archive.add_argument("--name", default="fashion", help="model name (default fashion)")
+    archive.add_argument(
+        "--mode",
+        choices=("monitor", "gate"),
+        default="monitor",
+        help="monitor: answer at once, verdicts to metrics and logs; gate: the response "
+        "carries the verdict (default monitor)",
+    )
+    archive.add_argument(
+        "--target", default="127.0.0.1:50051", help="GradProbe's HOST:PORT (default: the sidecar)"
+    )
+    archive.add_argument(
+        "--timeout-ms",
+        type=float,
+        default=250.0,
+        help="longest wait for a verdict; past it the answer says 'unavailable' (default 250)",
+    )
+    archive.add_argument(
+        "--on-unreliable",
+        choices=("flag", "refuse"),
+        default="flag",
+        help='gate: flag ("reliable": false) or refuse (HTTP 422) inputs not judged '
+        "in_distribution (default flag)",
+    )
+    archive.add_argument(
+        "--on-unavailable",
+        choices=("mark", "refuse"),
+        default="mark",
+        help="gate: when GradProbe is down or late, answer with a marker or refuse (503) "
+        "(default mark)",
+    )
+    archive.add_argument(
+        "--ts-batch-size", type=int, default=8, help="TorchServe batch size (default 8)"
+    )
+    archive.add_argument(
+        "--max-batch-delay-ms", type=int, default=5, help="TorchServe batch delay (default 5)"
+    )
+    archive.add_argument("--workers", type=int, default=1, help="TorchServe workers (default 1)")
+    archive.add_argument("--force", action="store_true", help="replace an existing archive")
+    archive.set_defaults(func=cmd_archive)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

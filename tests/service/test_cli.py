@@ -211,3 +211,22 @@ def test_console_script_help_explains_the_commands() -> None:
         [str(exe), "features", "--help"], capture_output=True, text=True, timeout=60
     )
     assert "float32 (B, 1, 28, 28)" in result.stdout and "--labels" in result.stdout
+
+
+def test_archive_writes_a_mar_with_the_chosen_mode(capsys, tmp_path, default_model_dir) -> None:
+    import zipfile
+
+    import yaml
+
+    args = ["archive", "--model-dir", str(default_model_dir), "--export-path", str(tmp_path)]
+    args += ["--mode", "gate", "--on-unreliable", "refuse", "--timeout-ms", "120", "-q"]
+    assert main(args) == 0
+    archive = Path(capsys.readouterr().out.strip())
+    assert archive == tmp_path / "fashion.mar"
+    config = yaml.safe_load(zipfile.ZipFile(archive).read("model-config.yaml"))
+    assert config["gradprobe"]["mode"] == "gate"
+    assert config["gradprobe"]["on_unreliable"] == "refuse"
+    assert config["gradprobe"]["timeout_ms"] == 120
+    assert main(args) == 2  # no silent overwrite
+    assert "--force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0

@@ -1,0 +1,349 @@
+"""What the TorchServe handler needs to talk to the GradProbe sidecar, kept apart from the
+handler class so that it can be tested without a TorchServe worker.
+
+Packed into the model archive next to ``gradprobe_handler.py`` and the generated
+``gradprobe_v1`` stubs; it imports nothing from the GradProbe project, so the archive runs in
+any TorchServe that has ``grpcio``, ``protobuf``, ``numpy`` and ``pillow``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import grpc
+import numpy as np
+from gradprobe_v1 import reliability_pb2 as pb
+from gradprobe_v1 import reliability_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gradprobe.torchserve")
+
+MODES = ("monitor", "gate")
+ON_UNRELIABLE = ("flag", "refuse")
+ON_UNAVAILABLE = ("mark", "refuse")
+VERDICT_NAMES = {
+    pb.IN_DISTRIBUTION: "in_distribution",
+    pb.OOD: "ood",
+    pb.CORRUPTED: "corrupted",
+    pb.ADVERSARIAL: "adversarial",
+}
+EXPECTED_INPUT = (
+    'a 28x28 grayscale PNG or JPEG, or JSON {"pixels": 28x28 numbers} '
+    "(uint8 0..255, or floats in [0, 1])"
+)
+# HTTP statuses the handler answers with; TorchServe maps them onto gRPC codes too.
+BAD_INPUT, REFUSED_UNRELIABLE, RELIABILITY_UNAVAILABLE = 400, 422, 503
+
+
+class ConfigError(ValueError):
+    """A handler setting has a value it cannot take."""
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """How the handler uses GradProbe.
+
+    Read from the archive's model-config.yaml (section ``gradprobe``), then overridden by
+    ``GRADPROBE_TS_<FIELD>`` environment variables, so that a deployment can switch mode or
+    target without rebuilding the archive.
+    """
+
+    # monitor: answer at once, verdicts go to GradProbe's metrics and to the logs.
+    # gate: wait (at most timeout_ms) and put the verdict in the response.
+    mode: str = "monitor"
+    target: str = "127.0.0.1:50051"
+    timeout_ms: float = 250.0
+    # gate only: what to do with an input GradProbe does not judge in_distribution.
+    on_unreliable: str = "flag"
+    # gate only: when GradProbe does not answer in time, answer with a marker or refuse.
+    on_unavailable: str = "mark"
+    # monitor only: batches waiting for GradProbe; beyond it, verdicts are skipped, not queued.
+    monitor_queue: int = 64
+
+    @classmethod
+    def from_sources(
+        cls, yaml_section: Mapping[str, Any] | None, environ: Mapping[str, str] = os.environ
+    ) -> HandlerConfig:
+        values: dict[str, Any] = dict(yaml_section or {})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(
+                f"unknown gradprobe setting(s) in model-config.yaml: {sorted(unknown)}"
+            )
+        for f in fields(cls):
+            env = environ.get(f"GRADPROBE_TS_{f.name.upper()}")
+            if env is not None and env != "":
+                values[f.name] = env
+        defaults = cls()
+        try:
+            # Each field keeps its default's type: YAML and environment values are converted.
+            config = replace(
+                defaults,
+                **{name: type(getattr(defaults, name))(value) for name, value in values.items()},
+            )
+        except ValueError as exc:
+            raise ConfigError(f"bad gradprobe setting: {exc}") from exc
+        config.check()
+        return config
+
+    def check(self) -> None:
+        for name, allowed in (
+            ("mode", MODES),
+            ("on_unreliable", ON_UNRELIABLE),
+            ("on_unavailable", ON_UNAVAILABLE),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
+        if self.timeout_ms <= 0:
+            raise ConfigError(f"timeout_ms must be positive; got {self.timeout_ms}")
+        if self.monitor_queue < 1:
+            raise ConfigError(f"monitor_queue must be at least 1; got {self.monitor_queue}")
+
+
+class BadInput(ValueError):
+    """A request the classifier cannot take; answered with 400 and this message."""
+
+
+def decode_request(row: Mapping[str, Any] | bytes | bytearray) -> np.ndarray:
+    """One TorchServe request → float32 (1, 28, 28) in [0, 1].
+
+    REST bodies arrive under ``body`` (JSON already parsed by TorchServe), gRPC inputs under
+    ``data`` as bytes.
+    """
+    payload: Any = row
+    if isinstance(row, Mapping):
+        payload = row.get("data", row.get("body"))
+    if payload is None:
+        fields_seen = sorted(row) if isinstance(row, Mapping) else []
+        seen = f" (only form fields {fields_seen})" if fields_seen else ""
+        raise BadInput(f"no image in the request{seen}: expected {EXPECTED_INPUT}")
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if isinstance(payload, bytes | bytearray):
+        payload = bytes(payload)
+        if payload[:1] in (b"{", b"["):
+            try:
+                payload = json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BadInput(
+                    f"the body is not valid JSON ({_short(exc)}): expected {EXPECTED_INPUT}"
+                ) from None
+        else:
+            return _decode_image_file(payload)
+    if isinstance(payload, Mapping):
+        if "pixels" not in payload:
+            raise BadInput(f'JSON without a "pixels" field: expected {EXPECTED_INPUT}')
+        payload = payload["pixels"]
+    return _pixels_to_float(payload)
+
+
+def _decode_image_file(data: bytes) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInput(
+            f"the body is not a readable image ({_short(exc)}): expected {EXPECTED_INPUT}"
+        ) from None
+    if gray.shape != (28, 28):
+        raise BadInput(
+            f"the image is {gray.shape[1]}x{gray.shape[0]} pixels: expected 28x28 "
+            "(resize it before sending; this classifier was trained on 28x28)"
+        )
+    return (gray.astype(np.float32) / 255.0)[None]
+
+
+def _pixels_to_float(pixels: Any) -> np.ndarray:
+    try:
+        array = np.asarray(pixels, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(
+            f'"pixels" is not a grid of numbers ({_short(exc)}): expected {EXPECTED_INPUT}'
+        ) from None
+    if array.shape == (1, 28, 28):
+        array = array[0]
+    if array.shape != (28, 28):
+        raise BadInput(f'"pixels" has shape {list(array.shape)}: expected {EXPECTED_INPUT}')
+    if not np.isfinite(array).all():
+        raise BadInput('"pixels" holds NaN or Inf: expected finite values')
+    integral = bool(np.all(array == np.round(array)))
+    if array.min() < 0 or array.max() > (255 if integral else 1):
+        raise BadInput(
+            f'"pixels" range from {array.min():g} to {array.max():g}: expected '
+            "integers 0..255 or floats in [0, 1]"
+        )
+    if integral and array.max() > 1:
+        array = array / 255.0
+    return array.astype(np.float32)[None]
+
+
+def _short(error: Exception, limit: int = 120) -> str:
+    # Parser errors may quote the whole input back: keep the message readable.
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class ReliabilityUnavailable(RuntimeError):
+    """GradProbe did not give a verdict in time (down, slow, or serving another model)."""
+
+
+class ReliabilityLink:
+    """Calls GradProbe's ``Assess`` with a deadline, on one long-lived channel.
+
+    Before trusting any verdict it checks, once per connection, that GradProbe serves the same
+    classifier as this archive (by sha256): verdicts about another model would be noise.
+    """
+
+    def __init__(self, config: HandlerConfig, classifier_sha256: str) -> None:
+        self.config = config
+        self.classifier_sha256 = classifier_sha256
+        self.channel = grpc.insecure_channel(
+            config.target,
+            options=[
+                # Reconnect soon after GradProbe restarts (gRPC's default backoff grows to 2 min).
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        self.stub = pb_grpc.ReliabilityStub(self.channel)
+        self._verified = False
+        self.channel.subscribe(self._on_state)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        # A new connection may reach another GradProbe (a rollout): check its model again.
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.IDLE):
+            self._verified = False
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._on_state)
+        self.channel.close()
+
+    def _deadline(self, started: float) -> float:
+        left = self.config.timeout_ms / 1000 - (time.monotonic() - started)
+        if left <= 0:
+            raise ReliabilityUnavailable(
+                f"GradProbe at {self.config.target} did not answer within "
+                f"{self.config.timeout_ms:g} ms"
+            )
+        return left
+
+    def assess(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """Verdicts for float32 (n, 1, 28, 28) images, or ``ReliabilityUnavailable``."""
+        started = time.monotonic()
+        try:
+            if not self._verified:
+                info = self.stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=self._deadline(started)
+                )
+                if info.classifier_sha256 != self.classifier_sha256:
+                    raise ReliabilityUnavailable(
+                        f"GradProbe at {self.config.target} serves classifier "
+                        f"{info.classifier_sha256[:12]}…, but this archive holds "
+                        f"{self.classifier_sha256[:12]}…: deploy the same classifier to both"
+                    )
+                self._verified = True
+            request = pb.AssessRequest(
+                images=[
+                    pb.Image(
+                        raw=pb.RawPixels(
+                            data=np.ascontiguousarray(image, dtype="<f4").tobytes(),
+                            shape=list(image.shape),
+                            dtype=pb.RawPixels.FLOAT32,
+                        )
+                    )
+                    for image in images
+                ]
+            )
+            response = self.stub.Assess(request, timeout=self._deadline(started))
+        except grpc.RpcError as exc:
+            raise ReliabilityUnavailable(
+                f"GradProbe at {self.config.target} answered {exc.code().name}: {exc.details()}"
+            ) from None
+        latency_ms = (time.monotonic() - started) * 1000
+        return [
+            {
+                "verdict": VERDICT_NAMES.get(r.verdict, "unspecified"),
+                "scores": {
+                    "in_distribution": round(r.scores.in_distribution, 6),
+                    "ood": round(r.scores.ood, 6),
+                    "corrupted": round(r.scores.corrupted, 6),
+                    "adversarial": round(r.scores.adversarial, 6),
+                },
+                "gradprobe_prediction": r.predicted_class,
+                "latency_ms": round(latency_ms, 3),
+            }
+            for r in response.results
+        ]
+
+
+class MonitorWorker:
+    """Sends batches to GradProbe from a background thread, so predictions never wait.
+
+    The queue is bounded: when GradProbe is slower than the traffic, new batches are skipped
+    (and counted) rather than piling up memory.
+    """
+
+    def __init__(
+        self,
+        link: ReliabilityLink,
+        max_pending: int,
+        on_result: Callable[[list[str], list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        self.link = link
+        self.pending: queue.Queue[tuple[list[str], np.ndarray] | None] = queue.Queue(max_pending)
+        self.on_result = on_result or log_verdicts
+        self.counts = {"submitted": 0, "skipped": 0, "assessed": 0, "unavailable": 0}
+        self._last_warning = 0.0
+        self.thread = threading.Thread(target=self._run, name="gradprobe-monitor", daemon=True)
+        self.thread.start()
+
+    def submit(self, request_ids: list[str], images: np.ndarray) -> str:
+        try:
+            self.pending.put_nowait((request_ids, images))
+        except queue.Full:
+            self.counts["skipped"] += len(request_ids)
+            return "skipped"
+        self.counts["submitted"] += len(request_ids)
+        return "submitted"
+
+    def close(self, wait_s: float = 5.0) -> None:
+        self.pending.put(None)
+        self.thread.join(wait_s)
+
+    def _run(self) -> None:
+        while (item := self.pending.get()) is not None:
+            request_ids, images = item
+            try:
+                results = self.link.assess(images)
+            except ReliabilityUnavailable as exc:
+                self.counts["unavailable"] += len(request_ids)
+                # One line per 10 s at most: a dead sidecar must not flood the model log.
+                if time.monotonic() - self._last_warning > 10:
+                    self._last_warning = time.monotonic()
+                    log.warning("reliability unavailable (monitor mode): %s", exc)
+                continue
+            except Exception:  # the monitor thread must outlive any bug in one batch
+                log.exception("monitor: assessing a batch failed")
+                continue
+            self.counts["assessed"] += len(request_ids)
+            self.on_result(request_ids, results)
+
+
+def log_verdicts(request_ids: list[str], results: list[dict[str, Any]]) -> None:
+    for request_id, result in zip(request_ids, results, strict=True):
+        log.info(
+            "GRADPROBE_VERDICT %s",
+            json.dumps({"request_id": request_id, **result}, sort_keys=True),
+        )
