@@ -124,6 +124,8 @@ def test_rest_monitor_answers_predictions_and_verdicts_reach_gradprobe(stack, im
     lines = re.findall(r"GRADPROBE_VERDICT (\{.*\})", torchserve.model_log())
     verdicts = [json.loads(line)["verdict"] for line in lines[-sent:]]
     assert verdicts.count("ood") >= len(images["ood"]), verdicts
+    # TorchServe's own Prometheus endpoint counts the same requests (job "torchserve").
+    assert 'ts_inference_requests_total{model_name="monitor"' in torchserve.metrics()
 
 
 def test_rest_gate_carries_the_offline_verdict(stack, images):

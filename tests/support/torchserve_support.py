@@ -162,6 +162,7 @@ class TorchServeProcess:
                     f"grpc_management_port={self.ports['grpc_management']}",
                     "default_workers_per_model=1",
                     "disable_system_metrics=true",
+                    "metrics_mode=prometheus",
                     "install_py_dep_per_model=false",
                     f"model_store={self.model_store}",
                     "vmargs=-Xmx512m -XX:+UseSerialGC",
@@ -211,6 +212,10 @@ class TorchServeProcess:
             return False
         workers = described[0].get("workers", [])
         return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
 
     def model_log(self) -> str:
         path = self.folder / "logs" / "model_log.log"
