@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(dataset-fashion-mnist prometheus)
+# TorchServe's frontend is Java (17 or newer); the tests run a real TorchServe.
+command -v java >/dev/null || APT_PACKAGES+=(openjdk-17-jre-headless)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
