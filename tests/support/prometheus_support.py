@@ -43,7 +43,8 @@ class Prometheus:
 
     def ready(self) -> bool:
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2).ok
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as r:
+                return r.status == 200
         except OSError:
             return False
 
