@@ -28,6 +28,7 @@ TS_SETTINGS = {
     "GRADPROBE_TS_TARGET": None,
     "GRADPROBE_TS_TIMEOUT_MS": None,
     "GRADPROBE_TS_ON_UNRELIABLE": {"flag", "refuse"},
+    "GRADPROBE_TS_ON_UNAVAILABLE": {"mark", "refuse"},
 }
 KUBECTL = shutil.which("kubectl")
 
