@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
 import subprocess
 import time
-import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
-from grpc_support import free_port, sample_images, start_server
+from grpc_support import sample_images, start_server
+from prometheus_support import PROMETHEUS, PROMTOOL, finite_values, running_prometheus
 
 from service.client import ReliabilityClient
 
-PROMETHEUS = Path("/usr/bin/prometheus")
 VERDICT_RATE = "sum by (verdict) (rate(gradprobe_verdicts_total[30s]))"
 P99 = (
     "histogram_quantile(0.99, sum by (le) "
@@ -50,15 +45,8 @@ def test_metrics_endpoint_exposes_bounded_series(assessor):
     assert stages == {"decode", "queue", "forward", "gradients", "detector", "total"}
 
 
-def _query(port: int, promql: str) -> list:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    body = json.loads(urllib.request.urlopen(url, timeout=5).read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def _has_finite_value(result: list) -> bool:
-    return any(math.isfinite(float(r["value"][1])) and float(r["value"][1]) > 0 for r in result)
+def _has_positive_value(result: list) -> bool:
+    return any(v > 0 for v in finite_values(result))
 
 
 @pytest.mark.slow
@@ -67,58 +55,40 @@ def _has_finite_value(result: list) -> bool:
 )
 def test_prometheus_scrapes_verdict_rates_and_latency_quantiles(assessor, tmp_path):
     server = start_server(assessor, metrics_port=0)
-    web_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: gradprobe\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{server.metrics_port}']\n"
     )
-    promtool = shutil.which("promtool") or "/usr/bin/promtool"
-    if Path(promtool).exists():
-        checked = subprocess.run([promtool, "check", "config", str(config)], capture_output=True)
+    if PROMTOOL.exists():
+        checked = subprocess.run(
+            [str(PROMTOOL), "check", "config", str(config)], capture_output=True
+        )
         assert checked.returncode == 0, checked.stdout + checked.stderr
-    log = (tmp_path / "prometheus.log").open("w")
-    prometheus = subprocess.Popen(
-        [
-            str(PROMETHEUS),
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     images = sample_images(per_kind=1)
     try:
-        with ReliabilityClient(server.target, timeout=60) as client:
+        with (
+            running_prometheus(config, tmp_path) as prometheus,
+            ReliabilityClient(server.target, timeout=60) as client,
+        ):
             deadline = time.monotonic() + 60
             rates = quantiles = []
             # Keep traffic flowing until two scrapes have seen counters grow.
             while time.monotonic() < deadline:
                 client.assess(images[:2])
-                try:
-                    rates, quantiles = _query(web_port, VERDICT_RATE), _query(web_port, P99)
-                except OSError:  # Prometheus still starting
-                    rates = quantiles = []
-                if _has_finite_value(rates) and _has_finite_value(quantiles):
+                rates, quantiles = prometheus.query(VERDICT_RATE), prometheus.query(P99)
+                if _has_positive_value(rates) and _has_positive_value(quantiles):
                     break
                 time.sleep(0.3)
-        assert _has_finite_value(rates), (tmp_path / "prometheus.log").read_text()[-2000:]
-        assert _has_finite_value(quantiles), quantiles
-        assert {r["metric"]["verdict"] for r in rates} <= {
-            "in_distribution",
-            "ood",
-            "corrupted",
-            "adversarial",
-        }
-        assert 0 < float(quantiles[0]["value"][1]) < 60
+            assert _has_positive_value(rates), prometheus.log_tail()
     finally:
-        prometheus.terminate()
-        try:
-            prometheus.wait(10)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
-            prometheus.wait()
-        log.close()
         server.stop(0)
+    assert _has_positive_value(quantiles), quantiles
+    assert {r["metric"]["verdict"] for r in rates} <= {
+        "in_distribution",
+        "ood",
+        "corrupted",
+        "adversarial",
+    }
+    assert 0 < float(quantiles[0]["value"][1]) < 60
