@@ -102,10 +102,14 @@ def fit(
     train_y: np.ndarray,
     val_x: np.ndarray,
     val_y: np.ndarray,
-    hidden_layers: tuple[int, ...] = (128, 64),
+    hidden_layers: tuple[int, ...] = (256, 128),
     seed: int = 0,
 ) -> TrainedH:
-    """Fit the pipeline on train, the temperature on val. Labels index ``VERDICTS``."""
+    """Fit the pipeline on train, the temperature on val. Labels index ``VERDICTS``.
+
+    Width and ``alpha`` were chosen on the validation split (macro-F1 and per-family AUROC);
+    wider or deeper nets and smaller ``alpha`` did no better there.
+    """
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -114,15 +118,14 @@ def fit(
     missing = set(range(len(VERDICTS))) - set(np.unique(train_y).tolist())
     if missing:
         raise ValueError(f"training data lacks verdicts {[VERDICTS[m] for m in missing]}")
-    # Balance the families by resampling: MLPClassifier takes no sample weights.
+    # Balance the families by weighting; resampling with replacement put copies of training
+    # rows into the early-stopping split, which then stopped too late (val macro-F1 −0.008).
     weights = compute_sample_weight("balanced", train_y)
-    rng = np.random.default_rng(seed)
-    index = rng.choice(len(train_y), size=len(train_y), p=weights / weights.sum())
     pipeline = make_pipeline(
         StandardScaler(),
         MLPClassifier(
             hidden_layers,
-            alpha=1e-3,
+            alpha=1e-2,
             batch_size=256,
             learning_rate_init=2e-3,
             max_iter=200,
@@ -131,7 +134,7 @@ def fit(
             random_state=seed,
         ),
     )
-    pipeline.fit(train_x[index], train_y[index])
+    pipeline.fit(train_x, train_y, mlpclassifier__sample_weight=weights)
     temperature = fit_temperature(pipeline.predict_proba(val_x), val_y)
     return TrainedH(pipeline, temperature, featurizer, columns)
 
@@ -222,5 +225,7 @@ class OnnxDetector:
         log_p = np.log(np.clip(probs, 1e-12, 1.0))
         return _softmax_t(log_p, self.manifest.temperature)
 
-    def predict_proba(self, signals: object) -> np.ndarray:
-        return self.predict_proba_vectors(self.featurizer.transform_signals(signals))
+    def predict_proba(self, signals: object, images: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated (B, 4) from ``GradientSignals`` and the images they were computed from
+        (needed when the featurizer uses image statistics)."""
+        return self.predict_proba_vectors(self.featurizer.transform_signals(signals, images))

@@ -163,7 +163,10 @@ def leave_one_out(data: PreparedData, model: nn.Module, progress: bool = True) -
 
     featurizer = fit_featurizer(model, GROUPS)
     columns = featurizer.column_names(1, ["x"])  # names are not needed here
-    x = {s: vectors(featurizer, data.signals[s]) for s in ("train", "val", "test")}
+    x = {
+        s: vectors(featurizer, data.signals[s], data.splits[s].images)
+        for s in ("train", "val", "test")
+    }
     y = {s: data.splits[s].family for s in ("train", "val", "test")}
     kinds = {s: np.array([kind_group(k) for k in data.splits[s].kind]) for s in x}
     groups = sorted({k for k in kinds["test"] if k != "clean"})

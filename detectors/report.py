@@ -30,14 +30,20 @@ def _ablation(data: PreparedData, model: object, progress: bool) -> list[tuple[s
         ("gradients", ("gradients",)),
         ("gradients + logits", ("gradients", "logits")),
         ("gradients + logits + knn", ("gradients", "logits", "knn")),
-        ("all (+ mahalanobis)", ("gradients", "logits", "knn", "mahalanobis")),
+        ("gradients + logits + knn + mahalanobis", ("gradients", "logits", "knn", "mahalanobis")),
+        ("all (+ image statistics) = H", ("gradients", "logits", "knn", "mahalanobis", "image")),
+        ("gradients + image statistics", ("gradients", "image")),
+        ("image statistics only", ("image",)),
         ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
     ]
     kinds = data.splits["test"].kind
     rows = []
     for name, groups in sets:
         featurizer = fit_featurizer(model, groups)
-        x = {s: vectors(featurizer, data.signals[s]) for s in ("train", "val", "test")}
+        x = {
+            s: vectors(featurizer, data.signals[s], data.splits[s].images)
+            for s in ("train", "val", "test")
+        }
         y = {s: data.splits[s].family for s in ("train", "val", "test")}
         trained = fit_h(featurizer, [], x["train"], y["train"], x["val"], y["val"])
         probs = trained.predict_proba_vectors(x["test"])
@@ -68,14 +74,12 @@ def write_report(
     """Compute everything and write ``REPORT.md`` and the plots into ``out_dir``."""
     from sklearn.metrics import confusion_matrix, f1_score
 
+    from detectors.detector import _softmax_t, expected_calibration_error
+
     out_dir.mkdir(parents=True, exist_ok=True)
     test = data.splits["test"]
     probs = detector.predict_proba_vectors(
-        detector.featurizer.transform(
-            data.signals["test"].features,
-            data.signals["test"].logits,
-            data.signals["test"].embeddings,
-        )
+        vectors(detector.featurizer, data.signals["test"], test.images)
     )
     scores = {"H": h_scores(probs), **peer_scores(model, data, progress).by_method}
     by_kind = per_kind_metrics(test.kind, scores, lambda k: k)
@@ -84,6 +88,11 @@ def write_report(
     predicted = probs.argmax(1)
     matrix = confusion_matrix(test.family, predicted, labels=range(len(FAMILIES)))
     macro_f1 = float(f1_score(test.family, predicted, average="macro"))
+    temperature = float(detector.manifest.temperature)
+    # Undo the temperature (softmax(T · log p) inverts softmax(log p / T)) for the raw ECE.
+    raw = _softmax_t(np.log(np.clip(probs, 1e-12, 1.0)), 1.0 / temperature)
+    ece = expected_calibration_error(probs, test.family)
+    ece_raw = expected_calibration_error(raw, test.family)
     unseen = leave_one_out(data, model, progress) if leave_out else {}
     ablation = _ablation(data, model, progress)
 
@@ -100,6 +109,12 @@ def write_report(
         "sources never appear in H's training or validation data (see "
         "`detectors/challenge/dataset.py`); peers from pytorch-ood on the same classifier "
         "and the same images. Scores: AUROC of 'challenge vs clean' (higher is better).",
+        "",
+        "H's inputs: the ranked log gradient norms (the method's signal), the peers' cheap "
+        "signals (max softmax, energy, max logit, KNN and Mahalanobis distances) and 16 "
+        "statistics of the image itself (`detectors.signals.image_statistics`). The peers "
+        "below use none of the image statistics; the ablation shows what each group adds, "
+        "including image statistics alone.",
         "",
         f"Test images: {len(test)} ({counts}).",
         "",
@@ -128,7 +143,9 @@ def write_report(
         "",
         "## 4-way verdict",
         "",
-        f"Macro-F1 {macro_f1:.4f}, accuracy {(predicted == test.family).mean():.4f}.",
+        f"Macro-F1 {macro_f1:.4f}, accuracy {(predicted == test.family).mean():.4f}. "
+        f"Calibration: temperature {temperature:.3f} (fitted on the validation split), "
+        f"expected calibration error {ece:.4f} ({ece_raw:.4f} before temperature scaling).",
         "",
         "| true \\ predicted | " + " | ".join(FAMILIES) + " |",
         "|---|" + "---:|" * len(FAMILIES),

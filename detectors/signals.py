@@ -5,8 +5,11 @@ sorted by how much change they ask for (the predicted class first), so that H le
 *shape* of the response rather than which class an image happens to be. Beside it, optionally,
 the signals the strongest peers use, all computed from the forward pass the features need
 anyway: maximum softmax, energy (log-sum-exp of the logits), cosine distance to the k-th
-nearest training embedding (KNN) and the class-conditional Mahalanobis distance. Which groups
-are used is part of the detector's manifest; the evaluation measures what each adds.
+nearest training embedding (KNN) and the class-conditional Mahalanobis distance. And cheap
+statistics of the image itself (``image_statistics``): brightness, dark and saturated
+fractions, total variation, high-frequency energy, border and background levels, quantiles.
+Which groups are used is part of the detector's manifest; the evaluation measures what each
+adds.
 """
 
 from __future__ import annotations
@@ -17,8 +20,69 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GROUPS = ("gradients", "logits", "knn", "mahalanobis")
+GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image")
 EPS = 1e-30
+IMAGE_COLUMNS = (
+    "img_mean",
+    "img_std",
+    "img_dark_fraction",
+    "img_bright_fraction",
+    "img_log_total_variation",
+    "img_log_laplacian_energy",
+    "img_log_laplacian_to_energy",
+    "img_dark_half_mean",
+    "img_dark_half_std",
+    "img_border_mean",
+    "img_border_std",
+    "img_q05",
+    "img_q25",
+    "img_q50",
+    "img_q75",
+    "img_q95",
+)
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """(B, len(IMAGE_COLUMNS)) float64 statistics of images (B, [C,] H, W) in [0, 1].
+
+    They see what the gradients see only indirectly: noise and snow raise the background and
+    its spread, blur and haze lower the high-frequency energy, exposure shifts the quantiles,
+    and L∞ attacks lift about half of a black background by ε. Thresholds (not equality with
+    0 or 1) keep them blind to 8-bit quantization, which says nothing about reliability.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim < 3:
+        raise ValueError(f"images must be (B, [C,] H, W), got shape {x.shape}")
+    x = x.reshape(len(x), -1, *x.shape[-2:]).mean(1)  # channels averaged: (B, H, W)
+    flat = x.reshape(len(x), -1)
+    total_variation = np.abs(np.diff(x, axis=2)).mean((1, 2)) + np.abs(np.diff(x, axis=1)).mean(
+        (1, 2)
+    )
+    laplacian = (
+        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    )
+    log_hf = np.log((laplacian**2).mean((1, 2)) + 1e-8)
+    log_energy = np.log((x**2).mean((1, 2)) + 1e-8)
+    dark_half = np.sort(flat, axis=1)[:, : flat.shape[1] // 2]  # the background, mostly
+    edges = (x[:, :2], x[:, -2:], x[:, 2:-2, :2], x[:, 2:-2, -2:])  # 2-pixel frame
+    border = np.concatenate([e.reshape(len(x), -1) for e in edges], axis=1)
+    quantiles = np.percentile(flat, [5, 25, 50, 75, 95], axis=1).T
+    return np.column_stack(
+        [
+            flat.mean(1),
+            flat.std(1),
+            (flat < 0.02).mean(1),
+            (flat > 0.98).mean(1),
+            np.log(total_variation + 1e-6),
+            log_hf,
+            log_hf - log_energy,
+            dark_half.mean(1),
+            dark_half.std(1),
+            border.mean(1),
+            border.std(1),
+            quantiles,
+        ]
+    )
 
 
 @dataclass
@@ -59,12 +123,19 @@ class SignalFeaturizer:
             names += [f"knn{self.knn_k}_cosine_distance"]
         if "mahalanobis" in self.groups:
             names += ["mahalanobis_min"]
+        if "image" in self.groups:
+            names += list(IMAGE_COLUMNS)
         return names
 
     def transform(
-        self, features: np.ndarray, logits: np.ndarray, embeddings: np.ndarray
+        self,
+        features: np.ndarray,
+        logits: np.ndarray,
+        embeddings: np.ndarray,
+        images: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(B, d) float32 from features (B, N, L), logits (B, N), embeddings (B, D)."""
+        """(B, d) float32 from features (B, N, L), logits (B, N), embeddings (B, D) and, for
+        the ``image`` group, the images (B, 1, H, W) the signals were computed from."""
         columns = []
         if "gradients" in self.groups:
             log_grad = np.log(features.astype(np.float64) + EPS)
@@ -86,15 +157,21 @@ class SignalFeaturizer:
             diff = embeddings[:, None, :].astype(np.float32) - self.class_means[None]
             distances = np.einsum("bnd,de,bne->bn", diff, self.precision, diff)
             columns.append(np.log(distances.min(1) + 1e-6)[:, None])
+        if "image" in self.groups:
+            if images is None:
+                raise ValueError("this featurizer uses image statistics: pass the images")
+            if len(images) != len(features):
+                raise ValueError(f"{len(images)} images for {len(features)} feature rows")
+            columns.append(image_statistics(images))
         return np.concatenate(columns, axis=1).astype(np.float32)
 
-    def transform_signals(self, signals: object) -> np.ndarray:
-        """From ``GradientSignals`` (tensors) directly."""
+    def transform_signals(self, signals: object, images: np.ndarray | None = None) -> np.ndarray:
+        """From ``GradientSignals`` (tensors) directly, and the images they were computed from."""
         as_np = {
             k: getattr(signals, k).detach().cpu().numpy()
             for k in ("features", "logits", "embeddings")
         }
-        return self.transform(as_np["features"], as_np["logits"], as_np["embeddings"])
+        return self.transform(as_np["features"], as_np["logits"], as_np["embeddings"], images)
 
     def save(self, path: Path) -> None:
         self._check_fitted()

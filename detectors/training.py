@@ -101,8 +101,9 @@ def prepare(
     return PreparedData(splits, signals, recipe)
 
 
-def vectors(featurizer: SignalFeaturizer, signals: SplitSignals) -> np.ndarray:
-    return featurizer.transform(signals.features, signals.logits, signals.embeddings)
+def vectors(featurizer: SignalFeaturizer, signals: SplitSignals, images: np.ndarray) -> np.ndarray:
+    """H's input rows for a split: its signals and the images they came from."""
+    return featurizer.transform(signals.features, signals.logits, signals.embeddings, images)
 
 
 def training_data_summary(data: PreparedData) -> dict:
@@ -140,7 +141,10 @@ def train_detector(
     columns = featurizer.column_names(
         data.signals["train"].logits.shape[1], gradients.GradientFeatures(model).layer_names
     )
-    x = {split: vectors(featurizer, s) for split, s in data.signals.items()}
+    x = {
+        split: vectors(featurizer, s, data.splits[split].images)
+        for split, s in data.signals.items()
+    }
     y = {split: s.family for split, s in data.splits.items()}
     if progress:
         print(

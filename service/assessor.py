@@ -26,8 +26,9 @@ class Detector(Protocol):
     version: str
     sha256: str
 
-    def predict_proba(self, signals: GradientSignals) -> np.ndarray:
-        """Calibrated probabilities (B, 4), columns in ``VERDICTS`` order."""
+    def predict_proba(self, signals: GradientSignals, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (B, 4), columns in ``VERDICTS`` order, from the signals
+        and the images (B, 1, 28, 28) they were computed from."""
         ...
 
 
@@ -71,7 +72,7 @@ class Assessor:
         """Verdicts for a validated batch (float32 (B, 1, 28, 28) in [0, 1])."""
         signals = self.engine.signals(torch.from_numpy(images))
         start = time.perf_counter()
-        scores = self.detector.predict_proba(signals)
+        scores = self.detector.predict_proba(signals, images)
         detector_ms = (time.perf_counter() - start) * 1000
         probabilities = torch.softmax(signals.logits, dim=-1).cpu().numpy()
         assessments = [
