@@ -127,8 +127,11 @@ class GradientFeatures:
             parts = [
                 self._compute_chunk(x[i : i + step], timings) for i in range(0, x.shape[0], step)
             ]
-        features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
-        return GradientSignals(features.float(), logits, embeddings, timings)
+        if len(parts) == 1:
+            features, logits, embeddings = parts[0]
+        else:
+            features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
+        return GradientSignals(features.float().contiguous(), logits, embeddings, timings)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, list[_Capture]]:
         """Forward with every layer's input and output recorded, intact for the backward."""
@@ -243,10 +246,13 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    # Only modules in training mode are switched (and switched back): a model served for
+    # inference is already in eval mode, and then nothing is touched.
+    training = [module for module in model.modules() if module.training]
+    if training:
+        model.eval()
     try:
         yield
     finally:
-        for module, training in flags:
-            module.training = training
+        for module in training:
+            module.training = True

@@ -63,9 +63,12 @@ def conv2d_sq_norms(
     n_labels, batch = delta.shape[:2]
     groups = module.groups
     c_out = module.out_channels
-    unfolded = unfold(a, module)  # (B, C_in·k·k, P), channel-major: groups are contiguous
+    # (B, G, K, P), channel-major: groups are contiguous. With a bias, each group's unfolded
+    # input gets a row of ones: the bias gradient is then one more column of δᵀU (and UUᵀ
+    # gains 1 everywhere), so weight and bias come out of the same product, without another
+    # pass over δ.
+    unfolded = _unfold_groups(a, module, ones_row=module.bias is not None)
     positions = unfolded.shape[-1]
-    unfolded = unfolded.view(batch, groups, -1, positions)  # (B, G, K, P)
     k_per_group = unfolded.shape[2]
     delta = delta.reshape(n_labels, batch, groups, c_out // groups, positions)  # (N, B, G, O, P)
 
@@ -81,22 +84,14 @@ def conv2d_sq_norms(
         stacked = delta.permute(1, 2, 0, 3, 4).reshape(batch, groups, -1, positions)
         weight_grad = torch.matmul(stacked, unfolded.transpose(-1, -2))
         weight_grad = weight_grad.view(batch, groups, n_labels, -1)
-        norms = weight_grad.pow(2).sum((-1, 1)).transpose(0, 1)  # (N, B)
-    else:
-        unfolded_gram = torch.matmul(unfolded.transpose(-1, -2), unfolded)  # (B, G, P, P)
-        delta_gram = torch.matmul(delta.transpose(-1, -2), delta)  # (N, B, G, P, P)
-        norms = (delta_gram * unfolded_gram).sum((-1, -2, -3))
-    if module.bias is not None:
-        norms = norms + delta.sum(-1).pow(2).sum((-1, -2))
-    return norms
+        return weight_grad.pow(2).sum((-1, 1)).transpose(0, 1)  # (N, B)
+    unfolded_gram = torch.matmul(unfolded.transpose(-1, -2), unfolded)  # (B, G, P, P)
+    delta_gram = torch.matmul(delta.transpose(-1, -2), delta)  # (N, B, G, P, P)
+    return (delta_gram * unfolded_gram).sum((-1, -2, -3))
 
 
-def unfold(a: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``F.unfold`` for the conv's geometry, as a strided view and one copy.
-
-    Same result as ``F.unfold`` (rows ordered channel, kernel row, kernel column), several
-    times faster on CPU, where im2col is the slow path.
-    """
+def _windows(a: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The conv's input windows as a strided view (B, C_in, kh, kw, out_h, out_w)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
         conv.kernel_size,
         conv.stride,
@@ -108,11 +103,37 @@ def unfold(a: Tensor, conv: nn.Conv2d) -> Tensor:
     out_h = (height - dh * (kh - 1) - 1) // sh + 1
     out_w = (width - dw * (kw - 1) - 1) // sw + 1
     s_b, s_c, s_h, s_w = padded.stride()
-    windows = padded.as_strided(
+    return padded.as_strided(
         (batch, channels, kh, kw, out_h, out_w),
         (s_b, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w),
     )
+
+
+def unfold(a: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``F.unfold`` for the conv's geometry, as a strided view and one copy.
+
+    Same result as ``F.unfold`` (rows ordered channel, kernel row, kernel column), several
+    times faster on CPU, where im2col is the slow path.
+    """
+    windows = _windows(a, conv)
+    batch, channels, kh, kw, out_h, out_w = windows.shape
     return windows.reshape(batch, channels * kh * kw, out_h * out_w)
+
+
+def _unfold_groups(a: Tensor, conv: nn.Conv2d, ones_row: bool) -> Tensor:
+    """``unfold`` split by group, (B, G, K, P), optionally with a row of ones per group
+    appended, (B, G, K + 1, P): one copy either way."""
+    windows = _windows(a, conv)
+    batch, channels, kh, kw, out_h, out_w = windows.shape
+    groups = conv.groups
+    k = channels // groups * kh * kw
+    if not ones_row:
+        return windows.reshape(batch, groups, k, out_h * out_w)
+    out = windows.new_empty(batch, groups, k + 1, out_h * out_w)
+    shape = (batch, groups, channels // groups, kh, kw, out_h, out_w)
+    out[:, :, :k].view(shape).copy_(windows.view(shape))
+    out[:, :, k].fill_(1.0)
+    return out
 
 
 def batchnorm_sq_norms(module: nn.Module, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor:
