@@ -149,7 +149,6 @@ class MicroBatcher:
     def _take(self) -> _Job:
         job = self._queue.popleft()
         self._queued_images -= len(job.images)
-        self._set_depth()
         return job
 
     def _next_batch(self) -> list[_Job] | None:
@@ -160,6 +159,7 @@ class MicroBatcher:
                 self._condition.wait()
             batch = [self._take()]
             if not self.batching:
+                self._set_depth()
                 return batch
             images = len(batch[0].images)
             # The oldest request's wait bounds the batch's: it never waits twice.
@@ -179,6 +179,7 @@ class MicroBatcher:
                 if remaining <= 0 or self._stopping:
                     break
                 self._condition.wait(remaining)
+            self._set_depth()  # once per batch taken, not per request
             return batch
 
     def _run(self) -> None:

@@ -79,6 +79,14 @@ class ServiceMetrics:
         self.model = Info("gradprobe_model", "Classifier and detector being served.", registry=r)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)  # exported at 0 from the start, so rate() works
+        # Labelled children looked up once: ``labels()`` costs a lock and a dict lookup on
+        # every call, several times per request.
+        self._stage_children = {
+            kind: [(stage, self.stage_seconds.labels(kind, stage)) for stage in STAGES]
+            for kind in KINDS
+        }
+        self._score_children = [(v, self.scores.labels(v)) for v in VERDICTS]
+        self._verdict_children: dict[tuple[str, str], Counter] = {}
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -105,17 +113,25 @@ class ServiceMetrics:
         self.requests.labels(method, code.name).inc()
 
     def observe_stages(self, kind: str, timings_ms: dict[str, float]) -> None:
-        for stage in STAGES:
+        children = self._stage_children.get(kind)
+        if children is None:
+            children = [(stage, self.stage_seconds.labels(kind, stage)) for stage in STAGES]
+        for stage, child in children:
             if stage in timings_ms:
-                self.stage_seconds.labels(kind, stage).observe(timings_ms[stage] / 1000)
+                child.observe(timings_ms[stage] / 1000)
 
     def observe_assessments(
         self, assessments: Sequence[Assessment], classes: Sequence[str]
     ) -> None:
         for a in assessments:
-            self.verdicts.labels(a.verdict, classes[a.prediction]).inc()
-            for verdict in VERDICTS:
-                self.scores.labels(verdict).observe(a.scores[verdict])
+            key = (a.verdict, classes[a.prediction])
+            counter = self._verdict_children.get(key)
+            if counter is None:
+                counter = self._verdict_children[key] = self.verdicts.labels(*key)
+            counter.inc()
+            scores = a.scores
+            for verdict, child in self._score_children:
+                child.observe(scores[verdict])
 
     def observe_batch(self, kind: str, images: int) -> None:
         self.batch_size.labels(kind).observe(images)

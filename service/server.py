@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -55,20 +55,32 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on
 
 def decode_images(images: Sequence[pb.Image], max_images: int) -> np.ndarray:
     """A request's images as a validated float32 batch (n, 1, 28, 28) in [0, 1]."""
-    if not images:
+    count = len(images)
+    if not count:
         raise InvalidInput("the request holds no images: send at least one")
-    if len(images) > max_images:
+    if count > max_images:
         raise InvalidInput(
-            f"{len(images)} images in one request; this server accepts at most {max_images}: "
+            f"{count} images in one request; this server accepts at most {max_images}: "
             "split them over several requests (or use AssessStream)"
         )
-    planes = []
+    # Each image goes straight into its slot of the batch (no per-image arrays to stack).
+    batch = np.empty((count, 1, HEIGHT, WIDTH), dtype=np.float32)
+    floats = False
     for index, image in enumerate(images):
         plane = _decode_one(index, image)
-        # uint8 pixels become float32 [0, 1] here; float checks (NaN, range) run on the
-        # whole batch below so their messages name the right image.
-        planes.append(to_model_input(plane[None])[0] if plane.dtype == np.uint8 else plane)
-    return to_model_input(np.stack(planes))
+        if plane.dtype == np.uint8:
+            # As ``to_model_input`` converts uint8 pixels: float32, divided by 255.
+            np.divide(plane, np.float32(255.0), out=batch[index], dtype=np.float32)
+        else:
+            batch[index] = plane
+            floats = True
+    if floats:
+        # One pass for the common case; NaN, infinities and out-of-range values all fail it,
+        # and the full check then says which image is wrong and how.
+        low, high = batch.min(), batch.max()
+        if not (low >= 0.0 and high <= 1.0):
+            to_model_input(batch)
+    return batch
 
 
 def _decode_one(index: int, image: pb.Image) -> np.ndarray:
@@ -167,11 +179,54 @@ def _assessment_message(
     return pb.ImageAssessment(
         predicted_class=assessment.prediction,
         predicted_name=classes[assessment.prediction],
-        probabilities=[float(p) for p in assessment.probabilities],
+        probabilities=assessment.probabilities.tolist(),
         verdict=_VERDICT_ENUM[assessment.verdict],
         scores=pb.Scores(**assessment.scores),
         timings=timings,
     )
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+class _ComputeThreads:
+    """The math libraries' thread pools while a server runs; ``restore`` puts them back.
+
+    On a CPU server the gRPC threads, torch's intra-op pool and the BLAS pool that numpy uses
+    (the detector's featurizer) share the same cores. Oversubscribed, the pools' spinning
+    workers stall each other: on 2 cores with another process busy on one, a one-image
+    Assess went from 6 ms to over 500 ms with the default pools. BLAS, whose matrices here are
+    tiny, gets one thread; torch gets ``threads`` for micro-batches of ``SMALL_BATCH`` images
+    or more, and one below, where the ops are too small to split and the pool's
+    synchronization costs more than it gives.
+    """
+
+    SMALL_BATCH = 8
+
+    def __init__(self, threads: int) -> None:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        self.threads = threads
+        self._torch_before = torch.get_num_threads()
+        self._current = 1
+        torch.set_num_threads(1)
+        self._blas = threadpool_limits(limits=1, user_api="blas")
+
+    def use(self, images: int) -> None:
+        """Set torch's threads for a pass over ``images`` images (from the compute thread)."""
+        threads = self.threads if images >= self.SMALL_BATCH else 1
+        if threads != self._current:
+            import torch
+
+            torch.set_num_threads(threads)
+            self._current = threads
+
+    def restore(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._torch_before)
+        self._blas.restore_original_limits()
 
 
 # ----------------------------------------------------------------------------- servicer
@@ -195,11 +250,15 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         self.metrics = metrics
         self.assessor: Assessor | None = None
         self.batcher: MicroBatcher | None = None
+        self._classes: list[str] = []
+        self._threads: _ComputeThreads | None = None
 
     # -- life cycle
 
     def attach(self, assessor: Assessor) -> None:
         """Warm the model up, then start the batcher: the server is ready after this."""
+        if self._threads is None:
+            self._threads = _ComputeThreads(self.settings.resolved_compute_threads())
         rng = np.random.default_rng(0)
         for size in sorted({1, min(8, self.settings.max_batch_size)}):
             warm = rng.random((size, 1, HEIGHT, WIDTH), dtype=np.float32)
@@ -220,6 +279,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             batching=self.settings.batching,
             observer=self.metrics,
         )
+        self._classes = assessor.classes
         self.assessor = assessor
         batcher.start()
         self.batcher = batcher
@@ -227,14 +287,19 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
     def close(self, timeout: float | None = None) -> None:
         if self.batcher is not None:
             self.batcher.stop(timeout)
+        if self._threads is not None:
+            self._threads.restore()
+            self._threads = None
 
     def _assess_batch(self, images: np.ndarray) -> BatchOutput:
-        assert self.assessor is not None
+        assert self.assessor is not None and self._threads is not None
+        self._threads.use(len(images))
         batch = self.assessor.assess(images)
         return BatchOutput(batch.assessments, batch.timings_ms)
 
     def _predict_batch(self, images: np.ndarray) -> BatchOutput:
-        assert self.assessor is not None
+        assert self.assessor is not None and self._threads is not None
+        self._threads.use(len(images))
         start = time.perf_counter()
         probabilities = self.assessor.predict(images)
         return BatchOutput(list(probabilities), {"forward": (time.perf_counter() - start) * 1000})
@@ -247,12 +312,12 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         return self.assessor, self.batcher
 
     def _submit(
-        self, kind: str, images: Iterable[pb.Image], context: grpc.ServicerContext
+        self, kind: str, images: Sequence[pb.Image], context: grpc.ServicerContext
     ) -> tuple[futures.Future, float]:
         """Decode and validate, then queue; returns the future and the decode time (ms)."""
         _, batcher = self._ready()
         start = time.monotonic()
-        batch = decode_images(list(images), self.settings.max_images_per_request)
+        batch = decode_images(images, self.settings.max_images_per_request)
         decode_ms = (time.monotonic() - start) * 1000
         remaining = _time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -270,8 +335,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
     def _assess_response(
         self, job: JobResult, decode_ms: float, arrived: float, request_id: str
     ) -> pb.AssessResponse:
-        assessor, _ = self._ready()
-        classes = assessor.classes
+        classes = self._classes
         timings = _timings(job, decode_ms, arrived)
         message = _timings_message(timings, job.batch_size)
         self.metrics.observe_stages("assess", timings)
@@ -343,19 +407,21 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         arrived = time.monotonic()
         future, decode_ms = self._submit("predict", request.images, context)
         job = self._wait(future, context)
-        assessor, _ = self._ready()
-        classes = assessor.classes
+        classes = self._classes
         timings = _timings(job, decode_ms, arrived)
         self.metrics.observe_stages("predict", timings)
-        return pb.PredictResponse(
-            predictions=[
+        predictions = []
+        for p in job.results:
+            best = int(p.argmax())
+            predictions.append(
                 pb.Prediction(
-                    predicted_class=int(p.argmax()),
-                    predicted_name=classes[int(p.argmax())],
-                    probabilities=[float(v) for v in p],
+                    predicted_class=best,
+                    predicted_name=classes[best],
+                    probabilities=p.tolist(),
                 )
-                for p in job.results
-            ],
+            )
+        return pb.PredictResponse(
+            predictions=predictions,
             timings=_timings_message(timings, job.batch_size),
         )
 

@@ -32,6 +32,9 @@ class Settings:
     max_images_per_request: int = 256
     device: str = "auto"  # auto: cuda when torch sees it, else cpu
     workers: int = 64  # gRPC handler threads = concurrent RPCs in flight
+    # Intra-op threads of the model pass; 0: auto, half the cores (at least 1), so that the
+    # gRPC threads keep a core and the math libraries' thread pools do not oversubscribe it.
+    compute_threads: int = 0
     batching: bool = True  # off: one request per compute, for comparison
     grace_s: float = 10.0  # on SIGTERM, how long in-flight requests get to finish
     model_dir: Path | None = None  # default: the built-in Fashion-MNIST classifier
@@ -50,6 +53,7 @@ class Settings:
             ),
             (self.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
             (self.workers >= 1, "workers must be at least 1"),
+            (self.compute_threads >= 0, "compute_threads must be >= 0 (0: auto)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.grace_s >= 0, "grace_s must be >= 0"),
         ]
@@ -74,6 +78,12 @@ class Settings:
             elif (raw := env.get(ENV_PREFIX + f.name.upper())) is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
         return cls(**values)
+
+    def resolved_compute_threads(self) -> int:
+        if self.compute_threads:
+            return self.compute_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return max(1, (cores or os.cpu_count() or 1) // 2)
 
     def resolved_device(self) -> str:
         import torch
@@ -141,6 +151,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
     add("--workers", type=int, help=f"concurrent RPCs in flight (default {defaults.workers})")
+    add(
+        "--compute-threads",
+        type=int,
+        help="intra-op threads of the model pass (default 0: half the cores, at least 1)",
+    )
     add(
         "--batching",
         action=argparse.BooleanOptionalAction,
