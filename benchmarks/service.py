@@ -80,19 +80,36 @@ def _latency(target: str, image: np.ndarray, method: str) -> list[float]:
 
 
 def _throughput(target: str, image: np.ndarray, clients: int, seconds: float) -> dict[str, float]:
-    from service.client import ReliabilityClient
+    """``clients`` threads, each with its own channel, calling Assess back to back.
 
+    The load generator shares the cores with the server, so it is kept light: the request is
+    serialized once, and only the batch size is read from each response (a full client
+    would build and parse every message; that costs both modes alike, and is not what is
+    measured here).
+    """
+    import resource
+
+    import grpc
+
+    from service._proto.gradprobe.v1 import reliability_pb2 as pb
+    from service.client import image_messages
+
+    request = pb.AssessRequest(images=image_messages(image)).SerializeToString()
     done = [0] * clients
-    batch_sizes: list[int] = []
+    batch_sizes: list[list[int]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
     def run(i: int) -> None:
-        with ReliabilityClient(target, timeout=60) as client:
-            client.assess(image)  # connect before the clock starts
+        with grpc.insecure_channel(target) as channel:
+            # Bytes in, bytes out: no per-call message building in the load generator.
+            assess = channel.unary_unary("/gradprobe.v1.Reliability/Assess")
+            parse = pb.AssessResponse.FromString
+            assess(request, timeout=60, wait_for_ready=True)  # connect before the clock starts
             barrier.wait()
+            sizes = batch_sizes[i]
             while time.perf_counter() < stop_at[0]:
-                batch_sizes.append(client.assess(image)[0]["batch_size"])
+                sizes.append(parse(assess(request, timeout=60)).results[0].timings.batch_size)
                 done[i] += 1
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
@@ -100,14 +117,19 @@ def _throughput(target: str, image: np.ndarray, clients: int, seconds: float) ->
         t.start()
     stop_at[0] = time.perf_counter() + seconds + 10  # provisional, until all are connected
     barrier.wait()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     stop_at[0] = start + seconds
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    sizes = [size for per_client in batch_sizes for size in per_client]
     return {
         "rps": sum(done) / elapsed,
-        "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
+        "mean_batch": statistics.fmean(sizes) if sizes else 0.0,
+        "client_cpu_ms_per_request": 1000 * cpu_s / max(1, sum(done)),
     }
 
 
