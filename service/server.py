@@ -209,9 +209,10 @@ class _ComputeThreads:
 
         self.threads = threads
         self._torch_before = torch.get_num_threads()
+        # Taken before torch's change: restoring it puts back every pool it saw, OpenMP too.
+        self._blas = threadpool_limits(limits=1, user_api="blas")
         self._current = 1
         torch.set_num_threads(1)
-        self._blas = threadpool_limits(limits=1, user_api="blas")
 
     def use(self, images: int) -> None:
         """Set torch's threads for a pass over ``images`` images (from the compute thread)."""
@@ -225,8 +226,8 @@ class _ComputeThreads:
     def restore(self) -> None:
         import torch
 
-        torch.set_num_threads(self._torch_before)
         self._blas.restore_original_limits()
+        torch.set_num_threads(self._torch_before)
 
 
 # ----------------------------------------------------------------------------- servicer

@@ -436,3 +436,24 @@ def test_a_call_without_a_deadline_works(server, images):
     with ReliabilityClient(server.target, timeout=None) as client:
         assert len(client.assess(images[:1])) == 1
         assert len(list(client.stream([images[:1]]))) == 1
+
+
+def test_compute_thread_pools_are_capped_while_serving_and_restored_after(assessor, images):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    def pools():
+        return torch.get_num_threads(), sorted(
+            (i["internal_api"], i["num_threads"]) for i in threadpool_info()
+        )
+
+    before = pools()
+    server = start_server(assessor, compute_threads=3)
+    try:
+        assert server.servicer._threads.threads == 3
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+        with ReliabilityClient(server.target, timeout=60) as client:
+            assert len(client.assess(images[:1])) == 1
+    finally:
+        server.stop(0)
+    assert pools() == before
