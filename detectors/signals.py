@@ -155,7 +155,8 @@ class SignalFeaturizer:
             columns.append((1.0 - kth)[:, None])
         if "mahalanobis" in self.groups:
             diff = embeddings[:, None, :].astype(np.float32) - self.class_means[None]
-            distances = np.einsum("bnd,de,bne->bn", diff, self.precision, diff)
+            # (diff P) * diff summed: a BLAS product; the equivalent einsum is ~20x slower.
+            distances = ((diff @ self.precision) * diff).sum(-1)
             columns.append(np.log(distances.min(1) + 1e-6)[:, None])
         if "image" in self.groups:
             if images is None:
