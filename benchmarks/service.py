@@ -40,7 +40,7 @@ def _assessor() -> tuple[Any, str]:
     return Assessor(classifier, detector, "cpu"), f"default H ({detector.version})"
 
 
-def _start(assessor: Any, batching: bool, max_wait_ms: float) -> Any:
+def _start(assessor: Any, batching: bool, max_wait_ms: float, compute_threads: int = 0) -> Any:
     from service.server import ReliabilityServer
     from service.settings import Settings
 
@@ -53,6 +53,7 @@ def _start(assessor: Any, batching: bool, max_wait_ms: float) -> Any:
             max_queue=1024,
             workers=64,
             batching=batching,
+            compute_threads=compute_threads,
         )
     )
     server.start()
@@ -149,12 +150,12 @@ def _first_test_image() -> np.ndarray:
     return to_float(load_fashion_mnist("test").images[:1])
 
 
-def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
+def run(seconds: float, max_wait_ms: float, compute_threads: int = 0) -> dict[str, Any]:
     started = time.perf_counter()
     image = _first_test_image()
     assessor, detector = _assessor()
     result: dict[str, Any] = {"detector": detector, "device": assessor.device}
-    server = _start(assessor, batching=True, max_wait_ms=max_wait_ms)
+    server = _start(assessor, True, max_wait_ms, compute_threads)
     try:
         assess = _latency(server.target, image, "assess")
         predict = _latency(server.target, image, "predict")
@@ -167,7 +168,7 @@ def run(seconds: float, max_wait_ms: float) -> dict[str, Any]:
             result[f"batched_mean_batch_{clients}"] = point["mean_batch"]
     finally:
         server.stop(0)
-    server = _start(assessor, batching=False, max_wait_ms=max_wait_ms)
+    server = _start(assessor, False, max_wait_ms, compute_threads)
     try:
         for clients in CONCURRENCY:
             result[f"unbatched_rps_{clients}"] = _throughput_in_process(
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="micro-batch wait (default: the server's default)",
     )
+    parser.add_argument(
+        "--compute-threads",
+        type=int,
+        default=0,
+        help="torch threads for micro-batches (default 0: the server's own choice)",
+    )
     parser.add_argument("--load", nargs=3, help=argparse.SUPPRESS)  # target clients seconds
     args = parser.parse_args(argv)
     if args.load:
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.settings import Settings
 
         args.max_wait_ms = Settings().max_wait_ms
-    result = run(args.seconds, args.max_wait_ms)
+    result = run(args.seconds, args.max_wait_ms, args.compute_threads)
     if not args.no_write:
         from benchmarks.results import write_section
 
