@@ -155,7 +155,9 @@ def run(seconds: float, max_wait_ms: float, compute_threads: int = 0) -> dict[st
     image = _first_test_image()
     assessor, detector = _assessor()
     result: dict[str, Any] = {"detector": detector, "device": assessor.device}
-    server = _start(assessor, True, max_wait_ms, compute_threads)
+    server = _start(
+        assessor, batching=True, max_wait_ms=max_wait_ms, compute_threads=compute_threads
+    )
     try:
         assess = _latency(server.target, image, "assess")
         predict = _latency(server.target, image, "predict")
@@ -168,7 +170,9 @@ def run(seconds: float, max_wait_ms: float, compute_threads: int = 0) -> dict[st
             result[f"batched_mean_batch_{clients}"] = point["mean_batch"]
     finally:
         server.stop(0)
-    server = _start(assessor, False, max_wait_ms, compute_threads)
+    server = _start(
+        assessor, batching=False, max_wait_ms=max_wait_ms, compute_threads=compute_threads
+    )
     try:
         for clients in CONCURRENCY:
             result[f"unbatched_rps_{clients}"] = _throughput_in_process(

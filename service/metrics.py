@@ -113,10 +113,7 @@ class ServiceMetrics:
         self.requests.labels(method, code.name).inc()
 
     def observe_stages(self, kind: str, timings_ms: dict[str, float]) -> None:
-        children = self._stage_children.get(kind)
-        if children is None:
-            children = [(stage, self.stage_seconds.labels(kind, stage)) for stage in STAGES]
-        for stage, child in children:
+        for stage, child in self._stage_children[kind]:  # kind: one of KINDS
             if stage in timings_ms:
                 child.observe(timings_ms[stage] / 1000)
 
