@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from detectors.layer_norms import LayerNormFn, norm_fn_for
+from detectors.traced_backward import TracedBackward, Unsupported
 
 LabelMode = Literal["onehot", "confounding"]
 
@@ -77,6 +78,9 @@ class GradientFeatures:
             of the parameterized layers); ``None`` picks the largest chunk whose output
             gradients fit in ``memory_budget_mb``.
         memory_budget_mb: the budget used when ``max_batch`` is ``None``.
+        traced: use the label-folded backward of ``traced_backward`` when the model's
+            ``torch.fx`` graph is made of layers it knows (faster; same values); otherwise,
+            or with ``False``, autograd under vmap.
 
     Works on whatever device the model is on, and also when called inside ``torch.no_grad()``
     or ``torch.inference_mode()``.
@@ -89,6 +93,7 @@ class GradientFeatures:
         labels: LabelMode = "onehot",
         max_batch: int | None = None,
         memory_budget_mb: float = 256.0,
+        traced: bool = True,
     ) -> None:
         if labels not in ("onehot", "confounding"):
             raise ValueError(f"labels must be 'onehot' or 'confounding', got {labels!r}")
@@ -98,6 +103,10 @@ class GradientFeatures:
         self.memory_budget_mb = memory_budget_mb
         self._chunk_for_shape: dict[tuple[int, ...], int] = {}
         self._protect_outputs = False
+        self._eye: tuple[tuple, Tensor] | None = None  # one-hot labels, made once per shape
+        # The label-folded backward for traceable models (``traced_backward``): built on
+        # first use, in eval mode; False when the model's graph is not supported.
+        self._traced: TracedBackward | bool | None = None if traced else False
         self._layers = parameterized_layers(model)
         if not self._layers:
             raise ValueError("the model has no trainable parameters to take gradients of")
@@ -121,7 +130,8 @@ class GradientFeatures:
         device = _model_device(self.model)
         timings = {"forward": 0.0, "gradients": 0.0}
         with torch.inference_mode(False), torch.enable_grad(), _eval_mode(self.model):
-            # Inference tensors cannot be saved for backward: take a normal copy.
+            # A copy: inference tensors cannot be saved for backward, and a model that
+            # edits its input in place must not touch the caller's tensor.
             x = x.detach().clone().to(device=device, dtype=torch.float32)
             step = self.max_batch or self._auto_chunk(x)
             parts = [
@@ -142,7 +152,9 @@ class GradientFeatures:
                 for (_, module), capture in zip(self._layers, captures, strict=True)
             ]
             try:
-                logits = self.model(x.requires_grad_(True))
+                # x itself needs no gradient: the layer outputs require grad through their
+                # own parameters.
+                logits = self.model(x)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -153,7 +165,41 @@ class GradientFeatures:
             # Some output was overwritten in place: copies are needed for this model.
             self._protect_outputs = True
 
+    @property
+    def uses_traced_backward(self) -> bool:
+        """Whether passes run the label-folded backward (decided by the first pass)."""
+        return isinstance(self._traced, TracedBackward)
+
     def _compute_chunk(self, x: Tensor, timings: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:
+        if self._traced is None:
+            self._traced = TracedBackward.build(self.model, self.layer_names) or False
+        if isinstance(self._traced, TracedBackward):
+            try:
+                return self._compute_chunk_traced(self._traced, x, timings)
+            except Unsupported:
+                self._traced = False  # this input met a case it has no rule for
+        return self._compute_chunk_autograd(x, timings)
+
+    def _compute_chunk_traced(
+        self, traced: TracedBackward, x: Tensor, timings: dict[str, float]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        start = time.perf_counter()
+        result = traced.run(x, self._cotangents)
+        columns = [
+            fn(module, inputs, delta)
+            for fn, (_, module), inputs, delta in zip(
+                self._norm_fns, self._layers, result.layer_inputs, result.deltas, strict=True
+            )
+        ]
+        features = torch.stack(columns, dim=-1).transpose(0, 1)  # (N, B, L) -> (B, N, L)
+        timings["forward"] += result.forward_ms
+        timings["gradients"] += (time.perf_counter() - start) * 1000 - result.forward_ms
+        embeddings = result.layer_inputs[-1][0].flatten(1)
+        return features, result.logits, embeddings
+
+    def _compute_chunk_autograd(
+        self, x: Tensor, timings: dict[str, float]
+    ) -> tuple[Tensor, Tensor, Tensor]:
         start = time.perf_counter()
         logits, captures = self._forward(x)
         for (name, _), capture in zip(self._layers, captures, strict=True):
@@ -219,8 +265,10 @@ class GradientFeatures:
         n_classes = logits.shape[-1]
         if self.labels == "confounding":
             return (n_classes * probs - 1.0).unsqueeze(0)
-        eye = torch.eye(n_classes, dtype=probs.dtype, device=probs.device)
-        return probs.unsqueeze(0) - eye.unsqueeze(1)
+        key = (n_classes, probs.dtype, probs.device)
+        if self._eye is None or self._eye[0] != key:
+            self._eye = (key, torch.eye(n_classes, dtype=probs.dtype, device=probs.device))
+        return probs.unsqueeze(0) - self._eye[1].unsqueeze(1)
 
 
 def _recorder(

@@ -84,7 +84,7 @@ def conv2d_sq_norms(
         stacked = delta.permute(1, 2, 0, 3, 4).reshape(batch, groups, -1, positions)
         weight_grad = torch.matmul(stacked, unfolded.transpose(-1, -2))
         weight_grad = weight_grad.view(batch, groups, n_labels, -1)
-        return weight_grad.pow(2).sum((-1, 1)).transpose(0, 1)  # (N, B)
+        return weight_grad.pow_(2).sum((-1, 1)).transpose(0, 1)  # (N, B); squared in place
     unfolded_gram = torch.matmul(unfolded.transpose(-1, -2), unfolded)  # (B, G, P, P)
     delta_gram = torch.matmul(delta.transpose(-1, -2), delta)  # (N, B, G, P, P)
     return (delta_gram * unfolded_gram).sum((-1, -2, -3))

@@ -103,6 +103,34 @@ class WithUnknownLayers(nn.Module):
         return self.fc2(self.scale(torch.tanh(self.norm(self.fc1(x.flatten(1))))))
 
 
+class TracedZoo(nn.Module):
+    """Every op the label-folded backward knows, in one graph: strided, dilated and grouped
+    convolutions, overlapping padded max pooling (as a module and as a function, with and
+    without a ReLU before it), BatchNorm, a residual sum, scaling by a buffer, view through
+    ``size``, global means and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.5))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)  # overlapping windows
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.strided = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(12 * 2 * 2, 16)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(16 + 12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool(F.relu(self.bn(self.stem(x * self.scale))))
+        out = F.relu(out + self.grouped(out))  # residual
+        out = F.max_pool2d(self.strided(out), 2, ceil_mode=True)  # no ReLU before it
+        pooled = out.mean((2, 3))
+        flat = out.view(out.size(0), -1)
+        hidden = self.drop(F.dropout(torch.relu(self.fc1(flat)), 0.3, self.training))
+        return self.fc2(torch.cat([hidden, pooled], dim=1))
+
+
 def _randomize_batchnorm(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -119,6 +147,7 @@ CASES = {
     "resnet_bn": (TinyResNet, (3, 8, 8)),
     "grouped_dilated": (GroupedDilated, (4, 9, 9)),
     "unknown_layers": (WithUnknownLayers, (1, 10)),
+    "traced_zoo": (TracedZoo, (3, 9, 9)),
 }
 
 
@@ -136,12 +165,18 @@ def assert_features_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7 * expected.abs().max().item())
 
 
+TRACED = {"default_cnn", "resnet_bn", "traced_zoo"}  # graphs the folded backward knows
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("batch", [1, 17])
-def test_engine_matches_per_label_loop(name: str, batch: int) -> None:
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "autograd"])
+def test_engine_matches_per_label_loop(name: str, batch: int, traced: bool) -> None:
     model, shape = _build(name)
     x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))
-    features = GradientFeatures(model).compute(x)
+    engine = GradientFeatures(model, traced=traced)
+    features = engine.compute(x)
+    assert engine.uses_traced_backward == (traced and name in TRACED)
     expected = loop_features(model, x)
     n_classes = model(x[:1]).shape[-1]
     assert features.shape == (batch, n_classes, len(parameterized_layers(model)))
@@ -157,6 +192,49 @@ def test_confounding_label_matches_loop(name: str) -> None:
     features = GradientFeatures(model, labels="confounding").compute(x)
     assert features.shape[1] == 1
     assert_features_close(features, loop_features(model, x, labels="confounding"))
+
+
+def test_traced_and_autograd_paths_agree_closely() -> None:
+    model, shape = _build("traced_zoo")
+    x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(5))
+    traced = GradientFeatures(model).signals(x)
+    general = GradientFeatures(model, traced=False).signals(x)
+    torch.testing.assert_close(traced.features, general.features, rtol=1e-5, atol=0)
+    torch.testing.assert_close(traced.logits, general.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(traced.embeddings, general.embeddings, rtol=1e-6, atol=1e-6)
+
+
+def test_a_case_found_only_at_run_time_falls_back_to_autograd() -> None:
+    class BroadcastGate(nn.Module):
+        """A layer's output broadcast against another's: no folded rule, found at run time."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.gate = nn.Linear(2, 4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gate = self.gate(x.mean((2, 3))).view(x.size(0), -1, 1, 1)
+            return self.fc((self.conv(x) * 0.5 + gate).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = BroadcastGate().eval()
+    x = torch.rand(4, 2, 5, 5)
+    engine = GradientFeatures(model)
+    features = engine.compute(x)
+    assert not engine.uses_traced_backward
+    assert_features_close(features, loop_features(model, x))
+
+
+def test_reused_buffers_do_not_leak_between_batches() -> None:
+    model, shape = _build("default_cnn")
+    x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(2))
+    engine = GradientFeatures(model)
+    first = engine.compute(x)
+    engine.compute(x[:2] * 0.5)  # smaller batch, other values, same buffers
+    torch.testing.assert_close(engine.compute(x), first, rtol=0, atol=0)
+    torch.testing.assert_close(engine.compute(x[3:5]), first[3:5], rtol=1e-5, atol=0)
 
 
 def test_vmap_reference_agrees_with_loop() -> None:
@@ -245,6 +323,26 @@ def test_frozen_parameters_are_not_features() -> None:
     assert_features_close(engine.compute(x), loop_features(model, x))
 
 
+def test_layer_that_does_not_reach_the_logits_gets_zero_features() -> None:
+    class SideBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+            self.probe = nn.Linear(4, 2)  # computed, never used by the logits
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.probe(x)
+            return self.head(x)
+
+    model = SideBranch()
+    x = torch.rand(5, 4)
+    features = GradientFeatures(model).compute(x)
+    assert features.shape == (5, 3, 2)
+    assert torch.all(features[..., 1] == 0)
+    model.probe.requires_grad_(False)  # the reference loop needs every parameter used
+    assert_features_close(features[..., :1], loop_features(model, x))
+
+
 def test_layer_names_follow_named_parameters() -> None:
     model, _ = _build("resnet_bn")
     prefixes = []
@@ -326,12 +424,14 @@ def test_signals_carry_logits_and_last_layer_inputs() -> None:
 
 
 def test_outputs_are_copied_only_when_modified_in_place() -> None:
+    # The autograd path keeps the layer outputs themselves, which a later in-place op may
+    # overwrite; the traced path computes its own values and needs no copies.
     resnet, shape = _build("resnet_bn")  # ReLU(inplace=True) after BatchNorm
-    engine = GradientFeatures(resnet)
+    engine = GradientFeatures(resnet, traced=False)
     x = torch.rand(3, *shape)
     assert_features_close(engine.compute(x), loop_features(resnet, x))
     assert engine._protect_outputs
     cnn, shape = _build("default_cnn")
-    engine = GradientFeatures(cnn)
+    engine = GradientFeatures(cnn, traced=False)
     engine.compute(torch.rand(2, *shape))
     assert not engine._protect_outputs
