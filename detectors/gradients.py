@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from detectors.layer_norms import LayerNormFn, norm_fn_for
-from detectors.traced_backward import TracedBackward, Unsupported
+from detectors.layer_norms import LayerNormFn, norm_fn_for, pooled_conv2d_sq_norms
+from detectors.traced_backward import PooledDelta, TracedBackward, Unsupported
 
 LabelMode = Literal["onehot", "confounding"]
 
@@ -186,7 +186,9 @@ class GradientFeatures:
         start = time.perf_counter()
         result = traced.run(x, self._cotangents)
         columns = [
-            fn(module, inputs, delta)
+            pooled_conv2d_sq_norms(module, inputs, delta.grad, delta.indices)
+            if isinstance(delta, PooledDelta)
+            else fn(module, inputs, delta)
             for fn, (_, module), inputs, delta in zip(
                 self._norm_fns, self._layers, result.layer_inputs, result.deltas, strict=True
             )

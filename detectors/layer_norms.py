@@ -90,6 +90,31 @@ def conv2d_sq_norms(
     return (delta_gram * unfolded_gram).sum((-1, -2, -3))
 
 
+def pooled_conv2d_sq_norms(
+    module: nn.Module, inputs: tuple[Tensor, ...], pooled_grad: Tensor, indices: Tensor
+) -> Tensor:
+    """nn.Conv2d (groups 1) whose output gradient is nonzero only where a max pooling took
+    its maxima: ``pooled_grad`` (N, B, C, Q) at positions ``indices`` (B, C, Q) of the
+    output's H×W.
+
+    δᵀU sums δ_p U_p over positions; with δ zero but at the pooled maxima it is Σ_q δ_q U_idx(q)
+    (cells sharing a maximum add up, as the full gradient would), so only the Q gathered
+    columns of U take part: a quarter of the direct product's work for 2×2 pooling, and the
+    (N, B, C, H, W) gradient is never needed.
+    """
+    (a,) = inputs
+    unfolded = _unfold_groups(a, module, ones_row=module.bias is not None)[:, 0]  # (B, K, P)
+    batch, k, positions = unfolded.shape
+    channels, cells = pooled_grad.shape[2:]
+    rows = unfolded.transpose(1, 2).reshape(batch * positions, k)
+    offsets = torch.arange(batch, device=indices.device).view(-1, 1, 1) * positions
+    gathered = rows.index_select(0, (indices + offsets).reshape(-1))
+    gathered = gathered.view(batch, channels, cells, k)  # U's columns at each channel's maxima
+    # (B, C, N, Q) @ (B, C, Q, K) -> (B, C, N, K): per sample and channel, all labels at once.
+    weight_grad = torch.matmul(pooled_grad.permute(1, 2, 0, 3), gathered)
+    return weight_grad.pow_(2).sum((1, 3)).transpose(0, 1)  # (N, B)
+
+
 def _windows(a: Tensor, conv: nn.Conv2d) -> Tensor:
     """The conv's input windows as a strided view (B, C_in, kh, kw, out_h, out_w)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectors.gradients import GradientFeatures, parameterized_layers
-from detectors.layer_norms import conv2d_sq_norms, generic_sq_norms, norm_fn_for, unfold
+from detectors.layer_norms import (
+    conv2d_sq_norms,
+    generic_sq_norms,
+    norm_fn_for,
+    pooled_conv2d_sq_norms,
+    unfold,
+)
 from detectors.reference import loop_features, vmap_features
 from service.classifier import FashionCNN
 
@@ -225,6 +231,21 @@ def test_a_case_found_only_at_run_time_falls_back_to_autograd() -> None:
     features = engine.compute(x)
     assert not engine.uses_traced_backward
     assert_features_close(features, loop_features(model, x))
+
+
+def test_pooled_norms_equal_norms_of_the_full_gradient() -> None:
+    # Overlapping, padded pooling: cells can share a maximum, and must then add up.
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    a = torch.rand(4, 3, 9, 9)
+    z = conv(a).detach()
+    pooled, indices = F.max_pool2d(z, 3, stride=2, padding=1, return_indices=True)
+    pooled_grad = torch.randn(6, *pooled.shape)
+    full = torch.zeros(6, 4, 5, 81)
+    index = indices.flatten(2).expand(6, -1, -1, -1)
+    full.scatter_add_(-1, index, pooled_grad.flatten(3))
+    expected = conv2d_sq_norms(conv, (a,), full.view(6, 4, 5, 9, 9))
+    actual = pooled_conv2d_sq_norms(conv, (a,), pooled_grad.flatten(3), indices.flatten(2))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
 
 
 def test_reused_buffers_do_not_leak_between_batches() -> None:
