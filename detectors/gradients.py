@@ -11,6 +11,11 @@ How it is done in one batched pass instead of N·B backward passes:
    are never formed, and activations are shared by all labels;
 3. each layer's per-sample norms come from its input and output gradient in closed form
    (``layer_norms``), with a generic per-layer VJP fallback for unknown layer types.
+
+For models whose forward traces (torch.fx) to layers it knows, steps 1-2 run instead through
+``traced_backward``: its own forward, then a hand-written backward with the labels folded into
+the batch (no vmap, no autograd graph), 1.1-1.5× faster at batch 1 and about 1.5-2× at batch 32
+on the default model. Both paths are exact; the autograd one remains for everything else.
 """
 
 from __future__ import annotations

@@ -105,6 +105,8 @@ class TracedBackward:
         nodes = list(graph.nodes)
         if sum(n.op == "placeholder" for n in nodes) != 1:
             return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules.values()):
+            return None  # hooks may change values behind the backward's rules
         if not isinstance(nodes[-1].args[0], fx.Node):
             return None  # the model must return one tensor
         called = [n.target for n in nodes if n.op == "call_module"]
@@ -168,7 +170,20 @@ class TracedBackward:
         if kind in ("conv", "linear", "batchnorm"):
             if node.target in self._layer_index:
                 layer_inputs[self._layer_index[node.target]] = (args[0],)
-            return self.modules[node.target](args[0])
+            module = self.modules[node.target]
+            if kind == "conv":  # the functional call skips Module.__call__'s bookkeeping
+                return F.conv2d(
+                    args[0],
+                    module.weight,
+                    module.bias,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                )
+            if kind == "linear":
+                return F.linear(args[0], module.weight, module.bias)
+            return module(args[0])
         if kind == "relu":
             out = F.relu(args[0])
             saved[node] = out

@@ -248,6 +248,16 @@ def test_pooled_norms_equal_norms_of_the_full_gradient() -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
 
 
+def test_models_with_forward_hooks_keep_the_autograd_path() -> None:
+    model, shape = _build("default_cnn")
+    model.conv2.register_forward_hook(lambda _m, _i, out: out * 0.5)  # changes the values
+    x = torch.rand(3, *shape)
+    engine = GradientFeatures(model)
+    features = engine.compute(x)
+    assert not engine.uses_traced_backward
+    assert_features_close(features, loop_features(model, x))
+
+
 def test_reused_buffers_do_not_leak_between_batches() -> None:
     model, shape = _build("default_cnn")
     x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(2))
