@@ -3,7 +3,8 @@
 Requests are validated before they get here, so a batch only ever holds well-formed images.
 One worker thread owns the model (the gradient engine hooks into the module, so two passes at
 once would mix their captures): it takes the oldest request, then gathers more of the same
-kind until ``max_batch_size`` images or until that request has waited ``max_wait_ms``, drops
+kind until ``max_batch_size`` images or until that request has waited ``max_wait_ms`` (only
+when the previous batch held several requests: a lone client is never kept waiting), drops
 those whose deadline passed or whose client went away, runs one compute on the stacked
 images and hands each request its slice.
 """
@@ -96,6 +97,9 @@ class MicroBatcher:
         self._accepting = False
         self._stopping = False
         self._worker: threading.Thread | None = None
+        # Requests in the last batch: waiting for company only pays when requests arrive
+        # concurrently; a lone client would otherwise wait max_wait on every call for nobody.
+        self._last_batch_requests = 0
 
     @property
     def queued_images(self) -> int:
@@ -162,8 +166,9 @@ class MicroBatcher:
                 self._set_depth()
                 return batch
             images = len(batch[0].images)
-            # The oldest request's wait bounds the batch's: it never waits twice.
-            until = batch[0].enqueued + self.max_wait_s
+            # The oldest request's wait bounds the batch's: it never waits twice. Without
+            # recent concurrency, it takes what is queued and does not wait at all.
+            until = batch[0].enqueued + (self.max_wait_s if self._last_batch_requests > 1 else 0)
             while images < self.max_batch_size:
                 if self._queue:
                     head = self._queue[0]
@@ -180,6 +185,7 @@ class MicroBatcher:
                     break
                 self._condition.wait(remaining)
             self._set_depth()  # once per batch taken, not per request
+            self._last_batch_requests = len(batch)
             return batch
 
     def _run(self) -> None:

@@ -78,6 +78,15 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert time.monotonic() - start < 1.0
 
 
+def test_a_lone_client_is_not_kept_waiting_for_company():
+    compute = Recorder()
+    batcher = make(compute, max_wait_ms=60_000.0)  # a wait would outlast result()'s timeout
+    for value in (0.1, 0.2, 0.3):
+        assert batcher.submit("assess", images(value)).result(5).results == [pytest.approx(value)]
+    batcher.stop(5)
+    assert compute.batches == [1, 1, 1]
+
+
 def test_batches_never_exceed_max_batch_size_and_kinds_never_mix():
     compute = Recorder()
     batcher = make(compute, max_batch_size=4)
