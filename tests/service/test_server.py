@@ -12,7 +12,8 @@ import sys
 import textwrap
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import grpc
@@ -260,7 +261,7 @@ def test_a_full_queue_is_resource_exhausted(client, server, images):
     assert [o for o in outcomes if not isinstance(o, grpc.RpcError)] == [32] * (6 - len(refused))
 
 
-def test_an_expired_deadline_is_not_computed(client, server, images):
+def test_an_expired_deadline_is_not_computed(client, server, images, monkeypatch):
     registry = server.metrics.registry
 
     def count(name, **labels):
@@ -279,14 +280,27 @@ def test_an_expired_deadline_is_not_computed(client, server, images):
         count("gradprobe_dropped_requests_total", reason="deadline"),
         assessed(),
     )
+    # The worker is held inside a real 32-image pass until the short request has expired
+    # in the queue behind it (a pass alone is too quick to wait on).
+    real_assess = server.servicer.assessor.assess
+    started, release = threading.Event(), threading.Event()
+
+    def held_assess(batch):
+        started.set()
+        assert release.wait(10)
+        return real_assess(batch)
+
+    monkeypatch.setattr(server.servicer.assessor, "assess", held_assess)
     big = np.resize(images, (32, 1, 28, 28))
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(client.assess, big)  # keeps the worker busy
-        time.sleep(0.1)
+        busy = pool.submit(client.assess, big)
+        assert started.wait(10)
         with pytest.raises(grpc.RpcError) as error:
             client.stub.Assess(pb.AssessRequest(images=image_messages(images[:3])), timeout=0.05)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        release.set()
         busy.result()
+    monkeypatch.undo()
     deadline = time.monotonic() + 5
     while count("gradprobe_dropped_requests_total", reason="deadline") == dropped_before:
         assert time.monotonic() < deadline, "the expired request was never dropped"
@@ -375,14 +389,18 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         assert ready.wait(120), "".join(log)
         target = f"127.0.0.1:{port}"
         big = np.resize(images, (32, 1, 28, 28))  # each request is one 32-image pass
-        with ReliabilityClient(target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(client.assess, big) for _ in range(4)]
-            time.sleep(0.2)
+        requests = 12  # passes run one after another: SIGTERM comes after the first answer
+        with (
+            ReliabilityClient(target, timeout=60) as client,
+            ThreadPoolExecutor(requests) as pool,
+        ):
+            in_flight = [pool.submit(client.assess, big) for _ in range(requests)]
+            futures_wait(in_flight, return_when=FIRST_COMPLETED)
             process.send_signal(signal.SIGTERM)
             unfinished_at_sigterm = sum(not f.done() for f in in_flight)
             answers = [f.result() for f in in_flight]
         assert unfinished_at_sigterm > 0, "nothing was in flight: the test proves nothing"
-        assert [len(a) for a in answers] == [32] * 4
+        assert [len(a) for a in answers] == [32] * requests
         assert process.wait(60) == 0, "".join(log)
         assert any("draining" in line for line in log)
     finally:
