@@ -5,16 +5,18 @@
 Peak memory: every (model, method, batch) makes its first call in a fresh child process, so
 that the peak is that method's alone (peak RSS above the process's resident size before the
 call, or peak CUDA allocation on a GPU). Time: for each (model, batch), one more child
-process alternates the methods' calls (loop, vmap, engine, loop, ...) and takes each one's
-median, so that the ratios compare methods under the same machine state rather than
-processes that each met a different load; a method taking seconds per call keeps the time of
-its single call. The numbers go to benchmarks/RESULTS.md; ``--json`` also prints them.
+process alternates the methods in blocks of consecutive calls (about 40 ms each: loop ×k,
+vmap ×k, engine ×k, loop ×k, ...) and takes each one's median steady-state call, so that the
+ratios compare methods under the same machine state rather than processes that each met a
+different load; a method taking seconds per call keeps the time of its single call.
+The numbers go to benchmarks/RESULTS.md; ``--json`` also prints them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,8 @@ VMAP_CHUNK_BYTES = 2 * 2**30
 SLOW_MS = 1500.0  # a method slower than this per call is timed on its single call
 INTERLEAVED_BUDGET_S = 10.0  # per (model, batch), once every method has MIN_REPEATS calls
 MIN_REPEATS = 3
+BLOCK_MS = 40.0  # consecutive calls of one method before switching to the next
+BLOCK_MIN = 3
 
 
 def _build(model_name: str):  # noqa: ANN202
@@ -123,18 +127,24 @@ def measure(model_name: str, method: str, batch: int, device: str) -> dict:
 def time_interleaved(
     model_name: str, methods: list[str], batch: int, repeats: int, device: str
 ) -> dict[str, list[float]]:
-    """Run in a child process: the methods' calls alternate (loop, engine, loop, engine, ...)
-    so that every method sees the same machine state; ``repeats`` calls each at most, within
-    a time budget."""
+    """Run in a child process: the methods alternate in blocks of consecutive calls (loop,
+    loop, loop, engine, engine, engine, ...) so that every method sees the same machine
+    state, and each is timed in its steady state, as a service calling it repeatedly would
+    see it. A block lasts about ``BLOCK_MS`` (at least ``BLOCK_MIN`` calls); its first call,
+    which pays for switching from the other method's memory and caches, is not counted.
+    ``repeats`` counted calls each at most, within a time budget."""
     runs = {method: _setup(model_name, method, batch, device) for method in methods}
     timed = _timer(device)
-    for run in runs.values():
+    blocks = {}
+    for method, run in runs.items():
         run()  # warm up
+        blocks[method] = max(BLOCK_MIN, math.ceil(BLOCK_MS / max(timed(run), 1e-3)))
     times: dict[str, list[float]] = {method: [] for method in methods}
     budget_end = time.perf_counter() + INTERLEAVED_BUDGET_S
     while min(len(t) for t in times.values()) < repeats:
         for method, run in runs.items():
-            times[method].append(timed(run))
+            timed(run)  # the switch
+            times[method] += [timed(run) for _ in range(blocks[method] - 1)]
         if time.perf_counter() > budget_end and len(times[methods[0]]) >= MIN_REPEATS:
             break
     return times
@@ -194,7 +204,9 @@ def markdown(rows: list[dict]) -> str:
         "",
         f"Environment: {environment()}.",
         "All N=10 contrast labels, exact per-layer squared gradient norms. Time is the median "
-        "per batch, with the methods' calls alternating in one process per model and batch "
+        "per batch in steady state, the methods alternating in blocks of consecutive calls "
+        f"(~{BLOCK_MS:g} ms; a block's first call, after the switch, not counted) in one "
+        "process per model and batch "
         f"(a method slower than {SLOW_MS / 1000:g} s per call: its single call); peak memory "
         "is each method's first call in a fresh process, above the process's size before "
         "the call. `ratio` = loop time / method time.",

@@ -262,7 +262,10 @@ class TracedBackward:
         if kind == "conv":
             part = _conv_input_grad(grad, values[source].shape, self.modules[node.target])
         elif kind == "linear":
-            part = grad @ self.modules[node.target].weight
+            weight = self.modules[node.target].weight
+            part = torch.mm(grad.reshape(-1, weight.shape[0]), weight).view(
+                *grad.shape[:-1], weight.shape[1]
+            )
         elif kind == "batchnorm":
             norm = self.modules[node.target]
             scale = torch.rsqrt(norm.running_var + norm.eps)
@@ -280,7 +283,9 @@ class TracedBackward:
                 source = source.args[0]
                 if not isinstance(source, fx.Node) or source not in self._active:
                     return
-                if self._pooled_form(source):
+                # At batch 1 the gather's fixed costs exceed forming the small full gradient
+                # (1.95 vs 1.85 ms per pass on the default model); from batch 2 on it wins.
+                if grad.shape[1] > 1 and self._pooled_form(source):
                     n_labels, batch, channels = grad.shape[:3]
                     pooled[source] = PooledDelta(
                         grad.reshape(n_labels, batch, channels, -1),
