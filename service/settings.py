@@ -4,6 +4,7 @@ environment variables (a flag wins over the environment, the environment over th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -12,6 +13,38 @@ from typing import Any
 
 ENV_PREFIX = "GRADPROBE_"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota if one is set.
+
+    In a Kubernetes pod with ``limits.cpu: 2`` on a 32-core node, the affinity still lists 32
+    cores; sizing thread pools by it would have the container throttled. cgroup v2 keeps the
+    quota in ``cpu.max`` ("200000 100000", or "max ..."), v1 in ``cpu.cfs_quota_us`` (-1: none)
+    over ``cpu.cfs_period_us``.
+    """
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpus = affinity or os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    try:
+        limit, period = (root / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in ("cpu", "cpu,cpuacct"):
+        try:
+            limit = int((root / folder / "cpu.cfs_quota_us").read_text())
+            period = int((root / folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if limit <= 0 or period <= 0 else limit / period
+    return None
 
 
 class SettingsError(ValueError):
@@ -82,8 +115,7 @@ class Settings:
     def resolved_compute_threads(self) -> int:
         if self.compute_threads:
             return self.compute_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        return max(1, (cores or os.cpu_count() or 1) // 2)
+        return max(1, available_cpus() // 2)
 
     def resolved_device(self) -> str:
         import torch
