@@ -142,7 +142,11 @@ class TracedBackward:
                 grad = grads.pop(node, None)
                 if node in pooled:
                     deltas[self._layer_index[node.target]] = pooled[node]
-                elif grad is not None and node.target in self._layer_index:
+                elif (
+                    grad is not None
+                    and node.op == "call_module"
+                    and node.target in self._layer_index
+                ):
                     deltas[self._layer_index[node.target]] = grad
                 if grad is not None:
                     self._backward(node, grad, values, saved, grads, pooled)
