@@ -10,10 +10,12 @@ one kernel call per op for all labels. The formulas are autograd's, so the value
 float rounding; any other graph is refused at build time (or, for conditions only the data
 shows, at run time with ``Unsupported``) and the engine keeps its general path.
 
-Two layout choices keep the largest tensors (the first convolution's output gradients, one
-per label) from being copied: a ReLU followed by max pooling is differentiated in one step,
-masking at the pooled resolution (``max(relu(z)) = relu(max(z))``, so the masks agree), and
-max pooling's gradients are written sample-major, the order the per-sample norms read them in.
+Three choices keep the largest tensors (the first convolution's output gradients, one per
+label) from being formed or copied: a ReLU followed by max pooling is differentiated in one step,
+masking at the pooled resolution (``max(relu(z)) = relu(max(z))``, so the masks agree); the
+first convolution's norms are computed from its pooled gradients (``PooledDelta``) when nothing
+before it needs a gradient; and max pooling's gradients are written sample-major into a reused
+buffer, the order the per-sample norms read them in.
 
 Supported: Conv2d (zero padding), Linear, eval-mode BatchNorm, ReLU, max pooling, global
 average pooling, flatten/view/reshape, dropout (eval), identity, and + − × ÷ where at most
