@@ -63,7 +63,6 @@ class PooledDelta:
 
     grad: Tensor
     indices: Tensor
-    output_shape: torch.Size
 
 
 @dataclass
@@ -170,7 +169,7 @@ class TracedBackward:
         if kind == "input":
             return x
         if kind == "const":
-            return _fetch(self.model, node.target)
+            return operator.attrgetter(node.target)(self.model)
         args = fx.node.map_arg(node.args, lambda n: values[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
         if kind in ("conv", "linear", "batchnorm"):
@@ -296,7 +295,6 @@ class TracedBackward:
                     pooled[source] = PooledDelta(
                         grad.reshape(n_labels, batch, channels, -1),
                         indices.reshape(batch, channels, -1),
-                        input_shape,
                     )
                     return  # the full-resolution gradient is never formed
             part = _max_pool_grad(grad, indices, input_shape, self._workspaces[node])
@@ -458,13 +456,6 @@ def _active_nodes(
 
 def _accumulate(grads: dict[fx.Node, Tensor], node: fx.Node, grad: Tensor) -> None:
     grads[node] = grads[node] + grad if node in grads else grad
-
-
-def _fetch(model: nn.Module, target: str) -> Any:
-    value: Any = model
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _conv_input_grad(grad: Tensor, input_shape: torch.Size, conv: nn.Conv2d) -> Tensor:
