@@ -205,17 +205,40 @@ def test_oversize_message_is_resource_exhausted(client):
     assert "larger than max" in error.value.details()
 
 
-def test_a_bad_request_does_not_harm_the_others_in_its_micro_batch(client, assessor, images):
+def test_a_bad_request_does_not_harm_the_others_in_its_micro_batch(
+    client, server, assessor, images, monkeypatch
+):
+    # The worker is held inside a first pass while the good requests queue behind it, so they
+    # share the next batch whatever the scheduling; the bad one arrives among them.
+    real_assess = server.servicer.assessor.assess
+    started, release = threading.Event(), threading.Event()
+
+    def held_assess(batch):
+        started.set()
+        assert release.wait(10)
+        return real_assess(batch)
+
+    monkeypatch.setattr(server.servicer.assessor, "assess", held_assess)
     good = [images[i : i + 2] for i in range(0, 6, 2)]
     bad = pb.AssessRequest(images=[raw(_with(np.nan))])
-    with ThreadPoolExecutor(4) as pool:
+    batcher = server.servicer.batcher
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(client.assess, images[:1])
+        assert started.wait(10)
         answers = [pool.submit(client.assess, batch) for batch in good]
         failed = pool.submit(client.stub.Assess, bad, timeout=60)
         with pytest.raises(grpc.RpcError) as error:
             failed.result()
+        deadline = time.monotonic() + 10
+        while batcher.queued_images < 6:
+            assert time.monotonic() < deadline, "the good requests never reached the queue"
+            time.sleep(0.01)
+        release.set()
+        first.result()
         answers = [a.result() for a in answers]
+    monkeypatch.undo()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert max(a[0]["batch_size"] for a in answers) > 2  # good requests did share a batch
+    assert [a[0]["batch_size"] for a in answers] == [6, 6, 6]  # the good ones shared a batch
     for batch, answer in zip(good, answers, strict=True):
         check_matches_core(answer, assessor.assess(batch))
 
