@@ -79,6 +79,13 @@ def conv2d_sq_norms(
     gram_cost = positions * positions * (k_per_group * groups + n_labels * c_out)
     if method == "auto":
         method = "direct" if direct_cost <= 2 * gram_cost else "gram"
+    if method == "direct" and delta.stride(3) == 1:
+        # Channels innermost (max pooling's channels-last gradients): the one copy puts the
+        # labels beside the channels, (B, G, P, N·O), and U @ it -> (B, G, K, N·O).
+        stacked = delta.permute(1, 2, 4, 0, 3).reshape(batch, groups, positions, -1)
+        weight_grad = torch.matmul(unfolded, stacked)
+        weight_grad = weight_grad.view(batch, groups, -1, n_labels, c_out // groups)
+        return weight_grad.pow_(2).sum((1, 2, 4)).t()  # (N, B); squared in place
     if method == "direct":
         # (B, G, N·O, P) @ (B, G, P, K) -> (B, G, N·O, K): U is shared by all labels.
         stacked = delta.permute(1, 2, 0, 3, 4).reshape(batch, groups, -1, positions)

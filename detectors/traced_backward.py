@@ -14,8 +14,8 @@ Three choices keep the largest tensors (the first convolution's output gradients
 label) from being formed or copied: a ReLU followed by max pooling is differentiated in one step,
 masking at the pooled resolution (``max(relu(z)) = relu(max(z))``, so the masks agree); the
 first convolution's norms are computed from its pooled gradients (``PooledDelta``) when nothing
-before it needs a gradient; and max pooling's gradients are written sample-major into a reused
-buffer, the order the per-sample norms read them in.
+before it needs a gradient; and max pooling's gradients are written channels-last into a reused
+buffer, the layout the next convolution's input gradient runs fastest in.
 
 Supported: Conv2d (zero padding), Linear, eval-mode BatchNorm, ReLU, max pooling, global
 average pooling, flatten/view/reshape, dropout (eval), identity, and + − × ÷ where at most
@@ -284,19 +284,22 @@ class TracedBackward:
             if self.kinds[source] == "relu" and len(source.users) == 1:
                 # relu then max pool: mask where the pooled value is positive, then route;
                 # the relu's own full-resolution pass is skipped.
-                grad = grad * (pooled_out > 0).to(grad.dtype)
+                mask = (pooled_out > 0).to(grad.dtype)
                 source = source.args[0]
                 if not isinstance(source, fx.Node) or source not in self._active:
                     return
                 # At batch 1 the gather's fixed costs exceed forming the small full gradient
                 # (1.95 vs 1.85 ms per pass on the default model); from batch 2 on it wins.
-                if grad.shape[1] > 1 and self._pooled_form(source):
-                    n_labels, batch, channels = grad.shape[:3]
-                    pooled[source] = PooledDelta(
-                        grad.reshape(n_labels, batch, channels, -1),
-                        indices.reshape(batch, channels, -1),
-                    )
+                if grad.shape[1] > 1 and grad.dim() == 5 and self._pooled_form(source):
+                    n_labels, batch, channels, height, width = grad.shape
+                    # Masked straight into (B, C, labels, Q) memory, the order the pooled
+                    # norms multiply in, whatever layout the incoming gradient has.
+                    masked = grad.new_empty(batch, channels, n_labels, height * width)
+                    masked = masked.permute(2, 0, 1, 3)
+                    torch.mul(grad, mask, out=masked.unflatten(-1, (height, width)))
+                    pooled[source] = PooledDelta(masked, indices.reshape(batch, channels, -1))
                     return  # the full-resolution gradient is never formed
+                grad = grad * mask
             part = _max_pool_grad(grad, indices, input_shape, self._workspaces[node])
         elif kind == "gpool":
             part = _global_pool_grad(grad, saved[node])
@@ -459,11 +462,13 @@ def _accumulate(grads: dict[fx.Node, Tensor], node: fx.Node, grad: Tensor) -> No
 
 
 def _conv_input_grad(grad: Tensor, input_shape: torch.Size, conv: nn.Conv2d) -> Tensor:
-    """∂/∂input of a convolution for every label: one kernel call, labels and samples folded
-    into one batch in whichever order the gradient is laid out (no copy)."""
+    """∂/∂input of a convolution for every label: one kernel call, labels folded into the
+    batch. A channels-last gradient (max pooling's) is convolved channels-last."""
     n_labels = grad.shape[0]
-    sample_major = grad.transpose(0, 1).is_contiguous()
-    folded = grad.transpose(0, 1).flatten(0, 1) if sample_major else grad.flatten(0, 1)
+    folded = grad.flatten(0, 1)  # a view for both layouts the backward produces
+    channels_last = not folded.is_contiguous() and folded.is_contiguous(
+        memory_format=torch.channels_last
+    )
     (kh, kw), (dh, dw), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
     if conv.stride == (1, 1) and ph <= dh * (kh - 1) and pw <= dw * (kw - 1):
         # Stride 1: the input gradient is a plain convolution with the kernel flipped and
@@ -477,6 +482,8 @@ def _conv_input_grad(grad: Tensor, input_shape: torch.Size, conv: nn.Conv2d) -> 
             .transpose(1, 2)
             .reshape(groups * c_in_group, c_out // groups, kh, kw)
         )
+        if channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
         out = F.conv2d(
             folded,
             weight,
@@ -494,9 +501,7 @@ def _conv_input_grad(grad: Tensor, input_shape: torch.Size, conv: nn.Conv2d) -> 
             conv.dilation,
             conv.groups,
         )
-    if sample_major:
-        return out.view(input_shape[0], n_labels, *input_shape[1:]).transpose(0, 1)
-    return out.view(n_labels, *input_shape)
+    return out.unflatten(0, (n_labels, input_shape[0]))
 
 
 def _max_pool_grad(
@@ -504,19 +509,21 @@ def _max_pool_grad(
 ) -> Tensor:
     """Each pooled cell's gradient goes to the input position its maximum came from.
 
-    Written sample-major (memory (B, labels, ...)): the per-sample norms and the next
-    convolution's input gradient then read it without a copy.
+    Written channels-last per (label, sample), memory (labels, B, H, W, C): folding labels
+    into the batch then gives the channels-last layout the next convolution's input gradient
+    runs fastest in (about 1.6x NCHW on CPU), and the per-sample norms read it as one matrix
+    per sample after a single copy.
     """
     n_labels = grad.shape[0]
     batch, channels, height, width = input_shape
-    out = workspace.zeros(grad, (batch, n_labels, channels, height * width)).transpose(0, 1)
+    out = workspace.zeros(grad, (n_labels, batch, height * width, channels)).transpose(2, 3)
     index = indices.reshape(1, batch, channels, -1).expand(n_labels, -1, -1, -1)
     out.scatter_add_(-1, index, grad.reshape(n_labels, batch, channels, -1))
     return out.unflatten(-1, (height, width))
 
 
 class _Workspace:
-    """A zeroed buffer reused from call to call, grown to the largest batch seen.
+    """A zeroed buffer reused from call to call, grown to the largest pass seen.
 
     Max pooling's input gradients are the largest tensors of the pass (labels × the first
     convolution's output). Freshly allocated each call, their pages are faulted in again every
@@ -528,16 +535,18 @@ class _Workspace:
         self._buffer: Tensor | None = None
 
     def zeros(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
         buffer = self._buffer
         if (
             buffer is None
-            or buffer.shape[1:] != shape[1:]
-            or buffer.shape[0] < shape[0]
+            or buffer.numel() < numel
             or buffer.dtype != like.dtype
             or buffer.device != like.device
         ):
-            buffer = self._buffer = like.new_empty(shape)
-        return buffer[: shape[0]].zero_()
+            buffer = self._buffer = like.new_empty(numel)
+        return buffer[:numel].view(shape).zero_()
 
 
 def _global_pool_grad(grad: Tensor, input_shape: torch.Size) -> Tensor:

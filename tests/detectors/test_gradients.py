@@ -439,6 +439,11 @@ def test_gram_and_direct_conv_norms_agree(groups: int) -> None:
     direct = conv2d_sq_norms(conv, (a,), delta, method="direct")
     gram = conv2d_sq_norms(conv, (a,), delta, method="gram")
     torch.testing.assert_close(direct, gram, rtol=1e-10, atol=0)
+    # Channels-last per (label, sample), as max pooling's gradients are laid out: same values.
+    channels_last = delta.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert channels_last.stride(2) == 1
+    direct_cl = conv2d_sq_norms(conv, (a,), channels_last, method="direct")
+    torch.testing.assert_close(direct_cl, gram, rtol=1e-10, atol=0)
 
 
 def test_signals_carry_logits_and_last_layer_inputs() -> None:
