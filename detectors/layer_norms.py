@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 LayerNormFn = Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]
 
+# Largest temporary copy made at once (floats): 4 MB stays in malloc's reused heap.
+_COPY_BLOCK_FLOATS = 1 << 20
+
 
 def linear_sq_norms(module: nn.Module, inputs: tuple[Tensor, ...], delta: Tensor) -> Tensor:
     """nn.Linear on (B, in) inputs: ||δ aᵀ||² = ||δ||²·||a||², bias adds ||δ||²."""
@@ -82,10 +85,17 @@ def conv2d_sq_norms(
     if method == "direct" and delta.stride(3) == 1:
         # Channels innermost (max pooling's channels-last gradients): the one copy puts the
         # labels beside the channels, (B, G, P, N·O), and U @ it -> (B, G, K, N·O).
-        stacked = delta.permute(1, 2, 4, 0, 3).reshape(batch, groups, positions, -1)
-        weight_grad = torch.matmul(unfolded, stacked)
-        weight_grad = weight_grad.view(batch, groups, -1, n_labels, c_out // groups)
-        return weight_grad.pow_(2).sum((1, 2, 4)).t()  # (N, B); squared in place
+        # In blocks of samples: one copy of a large batch would be a fresh multi-MB buffer
+        # that glibc maps and faults in on every call (10x at batch 128 was 14x before).
+        step = max(1, _COPY_BLOCK_FLOATS // (groups * positions * n_labels * (c_out // groups)))
+        norms = []
+        for start in range(0, batch, step):
+            part = delta[:, start : start + step]
+            stacked = part.permute(1, 2, 4, 0, 3).reshape(part.shape[1], groups, positions, -1)
+            weight_grad = torch.matmul(unfolded[start : start + step], stacked)
+            weight_grad = weight_grad.view(part.shape[1], groups, -1, n_labels, c_out // groups)
+            norms.append(weight_grad.pow_(2).sum((1, 2, 4)))  # (b, N); squared in place
+        return (norms[0] if len(norms) == 1 else torch.cat(norms)).t()
     if method == "direct":
         # (B, G, N·O, P) @ (B, G, P, K) -> (B, G, N·O, K): U is shared by all labels.
         stacked = delta.permute(1, 2, 0, 3, 4).reshape(batch, groups, -1, positions)

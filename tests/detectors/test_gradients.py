@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detectors import layer_norms
 from detectors.gradients import GradientFeatures, parameterized_layers
 from detectors.layer_norms import (
     conv2d_sq_norms,
@@ -431,7 +432,7 @@ def test_strided_unfold_equals_torch_unfold(kernel, stride, padding, dilation) -
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_gram_and_direct_conv_norms_agree(groups: int) -> None:
+def test_gram_and_direct_conv_norms_agree(groups: int, monkeypatch) -> None:
     """Both exact forms give the same numbers (each is chosen by cost on some layer)."""
     conv = nn.Conv2d(6, 8, 3, padding=1, groups=groups).double()
     a = torch.rand(3, 6, 5, 5, dtype=torch.float64)
@@ -444,6 +445,9 @@ def test_gram_and_direct_conv_norms_agree(groups: int) -> None:
     assert channels_last.stride(2) == 1
     direct_cl = conv2d_sq_norms(conv, (a,), channels_last, method="direct")
     torch.testing.assert_close(direct_cl, gram, rtol=1e-10, atol=0)
+    monkeypatch.setattr(layer_norms, "_COPY_BLOCK_FLOATS", 1)  # one sample per block
+    direct_blocks = conv2d_sq_norms(conv, (a,), channels_last, method="direct")
+    torch.testing.assert_close(direct_blocks, gram, rtol=1e-10, atol=0)
 
 
 def test_signals_carry_logits_and_last_layer_inputs() -> None:
