@@ -31,13 +31,13 @@ LATENCY_CALLS = 60
 
 
 def _assessor() -> tuple[Any, str]:
-    """The default classifier with the default detector H (trained first if absent)."""
-    from service import artifacts
-    from service.assessor import Assessor
+    """The default classifier with the default detector H (trained first if absent), on the
+    server's default device: CUDA when torch sees it."""
+    from service.server import load_default_assessor
+    from service.settings import Settings
 
-    classifier = artifacts.load_default_classifier(quiet=True)
-    detector = artifacts.load_default_detector(classifier, quiet=True)
-    return Assessor(classifier, detector, "cpu"), f"default H ({detector.version})"
+    assessor = load_default_assessor(Settings(quiet=True))
+    return assessor, f"default H ({assessor.detector.version})"
 
 
 def _start(assessor: Any, batching: bool, max_wait_ms: float, compute_threads: int = 0) -> Any:
