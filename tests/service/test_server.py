@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -205,12 +206,12 @@ def test_oversize_message_is_resource_exhausted(client):
     assert "larger than max" in error.value.details()
 
 
-def test_a_bad_request_does_not_harm_the_others_in_its_micro_batch(
-    client, server, assessor, images, monkeypatch
-):
-    # The worker is held inside a first pass while the good requests queue behind it, so they
-    # share the next batch whatever the scheduling; the bad one arrives among them.
-    real_assess = server.servicer.assessor.assess
+@contextmanager
+def held_worker(server):
+    """Hold the batcher's worker inside its next pass until ``release`` is set (or the block
+    ends), so that requests queue behind it whatever the thread scheduling."""
+    assessor = server.servicer.assessor
+    real_assess = assessor.assess
     started, release = threading.Event(), threading.Event()
 
     def held_assess(batch):
@@ -218,25 +219,40 @@ def test_a_bad_request_does_not_harm_the_others_in_its_micro_batch(
         assert release.wait(10)
         return real_assess(batch)
 
-    monkeypatch.setattr(server.servicer.assessor, "assess", held_assess)
+    assessor.assess = held_assess  # an instance attribute, shadowing the method
+    try:
+        yield started, release
+    finally:
+        release.set()
+        del assessor.assess
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_bad_request_does_not_harm_the_others_in_its_micro_batch(
+    client, server, assessor, images
+):
+    # The good requests queue behind a held pass, so they share the next batch; the bad one
+    # arrives among them.
     good = [images[i : i + 2] for i in range(0, 6, 2)]
     bad = pb.AssessRequest(images=[raw(_with(np.nan))])
     batcher = server.servicer.batcher
-    with ThreadPoolExecutor(5) as pool:
+    with held_worker(server) as (started, release), ThreadPoolExecutor(5) as pool:
         first = pool.submit(client.assess, images[:1])
         assert started.wait(10)
         answers = [pool.submit(client.assess, batch) for batch in good]
         failed = pool.submit(client.stub.Assess, bad, timeout=60)
         with pytest.raises(grpc.RpcError) as error:
             failed.result()
-        deadline = time.monotonic() + 10
-        while batcher.queued_images < 6:
-            assert time.monotonic() < deadline, "the good requests never reached the queue"
-            time.sleep(0.01)
+        wait_until(lambda: batcher.queued_images == 6, "the good requests never reached the queue")
         release.set()
         first.result()
         answers = [a.result() for a in answers]
-    monkeypatch.undo()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [a[0]["batch_size"] for a in answers] == [6, 6, 6]  # the good ones shared a batch
     for batch, answer in zip(good, answers, strict=True):
@@ -267,11 +283,18 @@ def test_a_bad_request_in_a_stream_gets_an_error_and_the_stream_goes_on(client, 
 
 
 def test_a_full_queue_is_resource_exhausted(client, server, images):
-    # max_queue 64 images; 32-image requests each run alone (max_batch_size 8), so while one
-    # computes two fit in the queue and the rest are refused.
+    # max_queue 64 images; 32-image requests each run alone (max_batch_size 8). While the
+    # worker is held, two of six fit in the queue and four are refused.
     big = np.resize(images, (32, 1, 28, 28))
-    with ThreadPoolExecutor(6) as pool:
+    batcher = server.servicer.batcher
+    with held_worker(server) as (started, release), ThreadPoolExecutor(7) as pool:
+        first = pool.submit(client.assess, images[:1])
+        assert started.wait(10)
         calls = [pool.submit(client.assess, big) for _ in range(6)]
+        wait_until(lambda: sum(c.done() for c in calls) == 4, "four requests were not refused")
+        assert batcher.queued_images == 64
+        release.set()
+        first.result()
         outcomes = []
         for call in calls:
             try:
@@ -279,12 +302,13 @@ def test_a_full_queue_is_resource_exhausted(client, server, images):
             except grpc.RpcError as exc:
                 outcomes.append(exc)
     refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
-    assert refused and all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
+    assert len(refused) == 4
+    assert all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
     assert "queue is full" in refused[0].details()
-    assert [o for o in outcomes if not isinstance(o, grpc.RpcError)] == [32] * (6 - len(refused))
+    assert [o for o in outcomes if not isinstance(o, grpc.RpcError)] == [32, 32]
 
 
-def test_an_expired_deadline_is_not_computed(client, server, images, monkeypatch):
+def test_an_expired_deadline_is_not_computed(client, server, images):
     registry = server.metrics.registry
 
     def count(name, **labels):
@@ -305,17 +329,8 @@ def test_an_expired_deadline_is_not_computed(client, server, images, monkeypatch
     )
     # The worker is held inside a real 32-image pass until the short request has expired
     # in the queue behind it (a pass alone is too quick to wait on).
-    real_assess = server.servicer.assessor.assess
-    started, release = threading.Event(), threading.Event()
-
-    def held_assess(batch):
-        started.set()
-        assert release.wait(10)
-        return real_assess(batch)
-
-    monkeypatch.setattr(server.servicer.assessor, "assess", held_assess)
     big = np.resize(images, (32, 1, 28, 28))
-    with ThreadPoolExecutor(1) as pool:
+    with held_worker(server) as (started, release), ThreadPoolExecutor(1) as pool:
         busy = pool.submit(client.assess, big)
         assert started.wait(10)
         with pytest.raises(grpc.RpcError) as error:
@@ -323,11 +338,10 @@ def test_an_expired_deadline_is_not_computed(client, server, images, monkeypatch
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         release.set()
         busy.result()
-    monkeypatch.undo()
-    deadline = time.monotonic() + 5
-    while count("gradprobe_dropped_requests_total", reason="deadline") == dropped_before:
-        assert time.monotonic() < deadline, "the expired request was never dropped"
-        time.sleep(0.02)
+    wait_until(
+        lambda: count("gradprobe_dropped_requests_total", reason="deadline") > dropped_before,
+        "the expired request was never dropped",
+    )
     assert assessed() == assessed_before + 32  # the 3 expired images were never assessed
 
 
