@@ -85,8 +85,9 @@ def conv2d_sq_norms(
     if method == "direct" and delta.stride(3) == 1:
         # Channels innermost (max pooling's channels-last gradients): the one copy puts the
         # labels beside the channels, (B, G, P, N·O), and U @ it -> (B, G, K, N·O).
-        # In blocks of samples: one copy of a large batch would be a fresh multi-MB buffer
-        # that glibc maps and faults in on every call (10x at batch 128 was 14x before).
+        # In blocks of samples: one copy of a whole large batch is a fresh buffer above
+        # glibc's mmap threshold, mapped and faulted in on every call (at batch 128 that made
+        # each image cost 1.5x what it costs at batch 32).
         step = max(1, _COPY_BLOCK_FLOATS // (groups * positions * n_labels * (c_out // groups)))
         norms = []
         for start in range(0, batch, step):

@@ -25,6 +25,7 @@ concatenation along a feature dimension.
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Callable
@@ -544,9 +545,7 @@ class _Workspace:
         self._buffer: Tensor | None = None
 
     def zeros(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buffer = self._buffer
         if (
             buffer is None
