@@ -48,6 +48,7 @@ _RAW_DTYPES = {pb.RawPixels.UINT8: np.dtype(np.uint8), pb.RawPixels.FLOAT32: np.
 _ENCODED_FORMATS = ("PNG", "JPEG")
 _VERDICT_ENUM = {name: pb.Verdict.Value(name.upper()) for name in VERDICTS}
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on the reader)
+STREAM_POLL_S = 0.1  # how often an idle stream checks that its client is still there
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -362,6 +363,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         # together; answers are yielded in request order.
         pending: queue.Queue[Any] = queue.Queue(maxsize=STREAM_WINDOW)
         end = object()
+        reader_done = threading.Event()
 
         def put(item: Any) -> None:
             while context.is_active():
@@ -383,10 +385,22 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             except Exception as exc:  # the client went away mid-stream
                 log.debug("AssessStream reader stopped: %s", exc)
             finally:
-                put(end)
+                reader_done.set()
+                put(end)  # skipped when the client is gone: the loop below sees that itself
 
         threading.Thread(target=read, name="gradprobe-stream-reader", daemon=True).start()
-        while (item := pending.get()) is not end:
+        while True:
+            try:
+                item = pending.get(timeout=STREAM_POLL_S)
+            except queue.Empty:
+                # A client that cancels or disconnects ends the stream without `end` being
+                # queued; waiting on regardless would hold this handler thread forever (and
+                # the process at exit, which joins the gRPC thread pool).
+                if not context.is_active() or (reader_done.is_set() and pending.empty()):
+                    return
+                continue
+            if item is end:
+                return
             request_id, arrived, submitted = item
             try:
                 if isinstance(submitted, Exception):

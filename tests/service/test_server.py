@@ -267,6 +267,41 @@ def test_stream_answers_in_request_order(client, assessor, images):
         check_matches_core(answer, assessor.assess(batch))
 
 
+def _stream_handlers() -> int:
+    """Threads of this process now inside the server's AssessStream handler."""
+    return sum(
+        frame.f_code.co_name == "AssessStream" and frame.f_code.co_filename.endswith("server.py")
+        for top in sys._current_frames().values()
+        for frame in _stack(top)
+    )
+
+
+def _stack(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def test_a_stream_whose_client_cancels_frees_its_handler(client, images):
+    # The client sends one request, reads its answer, then cancels while keeping its request
+    # iterator open. The handler must notice and return: a handler left waiting holds a gRPC
+    # thread forever, and the process at exit (which joins the thread pool).
+    more = threading.Event()
+
+    def requests():
+        yield pb.AssessRequest(images=image_messages(images[:1]), request_id="a")
+        more.wait(10)
+
+    call = client.stub.AssessStream(requests(), timeout=60)
+    try:
+        assert next(call).request_id == "a"
+        assert _stream_handlers() == 1
+        call.cancel()
+        wait_until(lambda: _stream_handlers() == 0, "the cancelled stream's handler never returned")
+    finally:
+        more.set()
+
+
 def test_a_bad_request_in_a_stream_gets_an_error_and_the_stream_goes_on(client, images):
     requests = [
         pb.AssessRequest(images=image_messages(images[:2]), request_id="a"),
