@@ -7,7 +7,8 @@ its own channel, in a separate load-generator process (as in production, where c
 share the server's interpreter and its GIL).
 Latency: sequential Assess and Predict calls of one image each, alternating (p50, p99).
 Throughput: 1, 8 and 32 concurrent clients sending one image per Assess for ``--seconds`` each, with
-micro-batching on and then off. The whole run takes about a minute on 2 CPU cores.
+micro-batching on and then off back to back, in ``--rounds`` rounds (medians reported). The whole
+run takes about two minutes on 2 CPU cores.
 
 The server runs the default classifier with the default detector H (trained first if absent).
 H's own cost is a small part of Assess: the gradient pass dominates.
@@ -27,6 +28,12 @@ from typing import Any
 import numpy as np
 
 CONCURRENCY = (1, 8, 32)
+THROUGHPUT_HEADER = (
+    "| concurrent clients | batched req/s | mean micro-batch | unbatched req/s "
+    "| batching gain (range over rounds) "
+    "| server CPU ms / request, batched / unbatched | client CPU ms / request |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|"
+)
 LATENCY_CALLS = 60
 
 
@@ -133,6 +140,7 @@ def _throughput(target: str, image: np.ndarray, clients: int, seconds: float) ->
     sizes = [size for per_client in batch_sizes for size in per_client]
     return {
         "rps": sum(done) / elapsed,
+        "requests": sum(done),
         "mean_batch": statistics.fmean(sizes) if sizes else 0.0,
         "client_cpu_ms_per_request": 1000 * cpu_s / max(1, sum(done)),
     }
@@ -141,11 +149,20 @@ def _throughput(target: str, image: np.ndarray, clients: int, seconds: float) ->
 def _throughput_in_process(target: str, clients: int, seconds: float) -> dict[str, float]:
     """The load comes from another process, as it would in production: client threads in
     the server's own process would compete with it for the GIL and measure that instead."""
+    import resource
+
     cmd = [sys.executable, "-m", "benchmarks.service", "--load", target, str(clients), str(seconds)]
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     if result.returncode != 0:
         raise RuntimeError(f"load generator failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    point = json.loads(result.stdout.strip().splitlines()[-1])
+    # The server's CPU over the whole point (the load generator's start-up adds a little):
+    # with the clients it is what the cores must supply per request.
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    point["server_cpu_ms_per_request"] = 1000 * cpu_s / max(1, point["requests"])
+    return point
 
 
 def _first_test_image() -> np.ndarray:
@@ -154,7 +171,24 @@ def _first_test_image() -> np.ndarray:
     return to_float(load_fashion_mnist("test").images[:1])
 
 
-def run(seconds: float, max_wait_ms: float, compute_threads: int = 0) -> dict[str, Any]:
+def _throughput_point(
+    assessor: Any, batching: bool, clients: int, seconds: float, max_wait_ms: float, threads: int
+) -> dict[str, float]:
+    """One throughput point on a fresh server (batching on or off)."""
+    server = _start(assessor, batching=batching, max_wait_ms=max_wait_ms, compute_threads=threads)
+    try:
+        return _throughput_in_process(server.target, clients, seconds)
+    finally:
+        server.stop(0)
+
+
+def run(
+    seconds: float, max_wait_ms: float, compute_threads: int = 0, rounds: int = 3
+) -> dict[str, Any]:
+    """Latency, then ``rounds`` rounds of throughput points. Within a round, each concurrency
+    is measured with batching on and then off, back to back: this machine's speed drifts over
+    tens of seconds, and a ratio of two points taken far apart measures that drift too. The
+    reported gain is the median of the per-round ratios; rates are medians over rounds."""
     started = time.perf_counter()
     image = _first_test_image()
     assessor, detector = _assessor()
@@ -167,31 +201,39 @@ def run(seconds: float, max_wait_ms: float, compute_threads: int = 0) -> dict[st
         result["assess_p50_ms"], result["assess_p99_ms"] = _percentiles(assess)
         result["predict_p50_ms"], result["predict_p99_ms"] = _percentiles(predict)
         result["overhead_ratio"] = result["assess_p50_ms"] / result["predict_p50_ms"]
-        for clients in CONCURRENCY:
-            point = _throughput_in_process(server.target, clients, seconds)
-            result[f"batched_rps_{clients}"] = point["rps"]
-            result[f"batched_mean_batch_{clients}"] = point["mean_batch"]
+        result["compute_threads"] = server.settings.resolved_compute_threads()
     finally:
         server.stop(0)
-    server = _start(
-        assessor, batching=False, max_wait_ms=max_wait_ms, compute_threads=compute_threads
-    )
-    try:
+    points: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for _ in range(rounds):
         for clients in CONCURRENCY:
-            result[f"unbatched_rps_{clients}"] = _throughput_in_process(
-                server.target, clients, seconds
-            )["rps"]
-    finally:
-        server.stop(0)
+            for mode in ("batched", "unbatched"):
+                point = _throughput_point(
+                    assessor, mode == "batched", clients, seconds, max_wait_ms, compute_threads
+                )
+                points.setdefault((mode, clients), []).append(point)
     for clients in CONCURRENCY:
-        result[f"batching_gain_{clients}"] = (
-            result[f"batched_rps_{clients}"] / result[f"unbatched_rps_{clients}"]
+        batched, unbatched = points["batched", clients], points["unbatched", clients]
+        gains = [b["rps"] / u["rps"] for b, u in zip(batched, unbatched, strict=True)]
+        result[f"batched_rps_{clients}"] = _median(batched, "rps")
+        result[f"batched_mean_batch_{clients}"] = _median(batched, "mean_batch")
+        result[f"batched_server_cpu_ms_{clients}"] = _median(batched, "server_cpu_ms_per_request")
+        result[f"batched_client_cpu_ms_{clients}"] = _median(batched, "client_cpu_ms_per_request")
+        result[f"unbatched_rps_{clients}"] = _median(unbatched, "rps")
+        result[f"unbatched_server_cpu_ms_{clients}"] = _median(
+            unbatched, "server_cpu_ms_per_request"
         )
+        result[f"batching_gain_{clients}"] = statistics.median(gains)
+        result[f"batching_gains_{clients}"] = gains
+    result["rounds"] = rounds
     result["seconds_per_point"] = seconds
     result["max_wait_ms"] = max_wait_ms
-    result["compute_threads"] = server.settings.resolved_compute_threads()
     result["wall_s"] = time.perf_counter() - started
     return result
+
+
+def _median(points: list[dict[str, float]], key: str) -> float:
+    return float(statistics.median(p[key] for p in points))
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -199,7 +241,10 @@ def markdown(r: dict[str, Any]) -> str:
 
     rows = "\n".join(
         f"| {c} | {r[f'batched_rps_{c}']:.1f} | {r[f'batched_mean_batch_{c}']:.1f} | "
-        f"{r[f'unbatched_rps_{c}']:.1f} | {r[f'batching_gain_{c}']:.2f}× |"
+        f"{r[f'unbatched_rps_{c}']:.1f} | {r[f'batching_gain_{c}']:.2f}× "
+        f"({min(r[f'batching_gains_{c}']):.2f}–{max(r[f'batching_gains_{c}']):.2f}) | "
+        f"{r[f'batched_server_cpu_ms_{c}']:.2f} / {r[f'unbatched_server_cpu_ms_{c}']:.2f} | "
+        f"{r[f'batched_client_cpu_ms_{c}']:.2f} |"
         for c in CONCURRENCY
     )
     return f"""## gRPC service (`python -m benchmarks.service`)
@@ -214,13 +259,16 @@ throughput clients in another, on loopback, sharing the same cores; one image pe
 
 Assess / Predict at p50: **{r["overhead_ratio"]:.1f}×**.
 
-| concurrent clients | batched req/s | mean micro-batch | unbatched req/s | batching gain |
-|---:|---:|---:|---:|---:|
+{THROUGHPUT_HEADER}
 {rows}
+
+CPU per request is what the cores supply for one answer: the server's (its gRPC threads and the
+pass) and the load generator's, which shares the same cores here.
 
 Micro-batching: up to 32 images, at most {r["max_wait_ms"]:g} ms wait (only after a batch of
 several requests: a lone client never waits); compute threads for batches of 8 or more:
-{r["compute_threads"]}; {r["seconds_per_point"]:g} s per point.
+{r["compute_threads"]}; {r["seconds_per_point"]:g} s per point. Rates and gains are medians of
+{r["rounds"]} rounds; in each round every concurrency runs batched, then unbatched, back to back.
 
 Targets:
 - Assess p50 ≤ 3× Predict p50: {r["overhead_ratio"]:.2f}×: {_met(r["overhead_ratio"] <= 3)}
@@ -256,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads for micro-batches (default 0: the server's own choice)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of throughput points (medians are reported)"
+    )
     parser.add_argument("--load", nargs=3, help=argparse.SUPPRESS)  # target clients seconds
     args = parser.parse_args(argv)
     if args.load:
@@ -266,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.settings import Settings
 
         args.max_wait_ms = Settings().max_wait_ms
-    result = run(args.seconds, args.max_wait_ms, args.compute_threads)
+    result = run(args.seconds, args.max_wait_ms, args.compute_threads, args.rounds)
     if not args.no_write:
         from benchmarks.results import write_section
 
