@@ -295,7 +295,9 @@ def test_a_stream_whose_client_cancels_frees_its_handler(client, images):
     call = client.stub.AssessStream(requests(), timeout=60)
     try:
         assert next(call).request_id == "a"
-        assert _stream_handlers() == 1
+        # The handler is a generator: it is on its thread's stack again once gRPC has sent
+        # the answer and asked for the next one.
+        wait_until(lambda: _stream_handlers() == 1, "the stream's handler is not waiting")
         call.cancel()
         wait_until(lambda: _stream_handlers() == 0, "the cancelled stream's handler never returned")
     finally:
