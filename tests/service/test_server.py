@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
@@ -272,14 +273,8 @@ def _stream_handlers() -> int:
     return sum(
         frame.f_code.co_name == "AssessStream" and frame.f_code.co_filename.endswith("server.py")
         for top in sys._current_frames().values()
-        for frame in _stack(top)
+        for frame, _ in traceback.walk_stack(top)
     )
-
-
-def _stack(frame):
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
 
 
 def test_a_stream_whose_client_cancels_frees_its_handler(client, images):
