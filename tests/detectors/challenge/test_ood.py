@@ -6,8 +6,10 @@ from sklearn.linear_model import LogisticRegression
 
 from detectors.challenge import ood
 from detectors.challenge.ood import (
+    GENERIC_OOD_SETS,
     OOD_SETS,
     font_letters,
+    generic_ood,
     letter_fonts,
     mnist_digits,
     natural_patches,
@@ -120,3 +122,87 @@ def test_ood_sets_registry() -> None:
 def test_negative_n_rejected(fn) -> None:
     with pytest.raises(ValueError, match="n must be >= 0"):
         fn(-1, seed=0)
+
+
+# ---- generic sets, for any (C, H, W) model input ----------------------------------------
+
+SHAPES = [(3, 32, 32), (1, 20, 24), (3, 20, 24), (3, 64, 64), (3, 224, 224)]
+
+
+def colourful(x: np.ndarray) -> np.ndarray:
+    """Per image: do the RGB channels differ (mean over pixels of the std across channels)?"""
+    return x.std(axis=1).mean(axis=(1, 2)) > 0.02
+
+
+def test_generic_sets_registry() -> None:
+    assert GENERIC_OOD_SETS == ("natural", "textures", "letters", "digits", "noise")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", GENERIC_OOD_SETS)
+def test_generic_shape_range_determinism(name: str, shape: tuple[int, int, int]) -> None:
+    n = 4 if shape[1] > 100 else 12
+    a = generic_ood(name, n, shape, seed=0)
+    assert a.shape == (n, *shape)
+    assert a.dtype == np.float32
+    assert np.isfinite(a).all()
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    np.testing.assert_array_equal(a, generic_ood(name, n, shape, seed=0))
+    # drawn image by image: a shorter set is a prefix of a longer one
+    np.testing.assert_array_equal(a[: n // 2], generic_ood(name, n // 2, shape, seed=0))
+    assert np.abs(a - generic_ood(name, n, shape, seed=1)).mean() > 0.02
+    assert len({img.tobytes() for img in a}) == n  # not all identical
+    assert generic_ood(name, 0, shape).shape == (0, *shape)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 20, 24)], ids=["rgb32", "gray20x24"])
+@pytest.mark.parametrize("name", GENERIC_OOD_SETS)
+def test_generic_sets_are_varied_and_assume_no_background(
+    name: str, shape: tuple[int, int, int]
+) -> None:
+    x = generic_ood(name, 150, shape, seed=0)
+    # not pinned to a dark (or light) background, and brightness varies between images
+    assert 0.15 < x.mean() < 0.85
+    means = x.mean(axis=(1, 2, 3))
+    assert means.std() > 0.05
+    assert 0.1 < (means > 0.5).mean() < 0.9
+    pairwise = np.abs(x[:-1] - x[1:]).mean(axis=(1, 2, 3))
+    assert (pairwise > 0.02).mean() > 0.9  # consecutive images differ substantially
+    if name != "textures":  # textures include near-uniform colour patches on purpose
+        assert (x.std(axis=(2, 3)).max(axis=1) > 0.02).all()
+    if shape[0] == 3 and name != "noise":
+        assert colourful(x).mean() > (0.6 if name == "natural" else 0.9)
+
+
+@pytest.mark.parametrize("name", ["letters", "digits"])
+def test_generic_glyphs_have_both_polarities(name: str) -> None:
+    x = generic_ood(name, 100, (1, 32, 32), seed=0)[:, 0]
+    border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).mean(axis=1)
+    light_background = border > x.mean(axis=(1, 2))  # ink darker than the background
+    assert 0.25 < light_background.mean() < 0.75
+
+
+def test_generic_natural_uses_colour_and_gray_photographs() -> None:
+    rgb = generic_ood("natural", 100, (3, 32, 32), seed=0)
+    gray = generic_ood("natural", 100, (1, 32, 32), seed=0)
+    assert 0.6 < colourful(rgb).mean() < 1.0  # mostly colour photographs, some grayscale
+    # nearly flat crops (sky, paper, black space) are redrawn
+    assert (rgb.std(axis=(2, 3)).max(axis=1) >= 0.03).all()
+    assert (gray.std(axis=(1, 2, 3)) >= 0.03).all()
+
+
+def test_generic_sets_differ_from_each_other() -> None:
+    sets = {name: generic_ood(name, 60, (3, 24, 24), seed=0) for name in GENERIC_OOD_SETS}
+    # high-frequency energy: pure noise is far rougher than every other set
+    rough = {k: np.abs(np.diff(v, axis=3)).mean() for k, v in sets.items()}
+    assert rough["noise"] > 2 * max(rough[k] for k in rough if k != "noise")
+
+
+def test_generic_ood_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown OOD set 'mnist'; expected one of"):
+        generic_ood("mnist", 4, (3, 32, 32))
+    for shape in [(2, 32, 32), (3, 7, 32), (1, 32, 4), (3, 32), (3, 32, 32, 1), (3, 32.0, 32)]:
+        with pytest.raises(ValueError, match=r"shape must be \(C, H, W\) with C in \(1, 3\)"):
+            generic_ood("noise", 4, shape)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        generic_ood("noise", -1, (3, 32, 32))
