@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -25,15 +24,12 @@ import torch
 
 from detectors import datasets
 from detectors.fingerprint import code_fingerprint
+from detectors.model_dir import gradprobe_home
 from service import classifier as classifier_module
 from service.classifier import LoadedClassifier, TrainingRecipe
 
 if TYPE_CHECKING:
     from detectors.detector import OnnxDetector
-
-
-def gradprobe_home() -> Path:
-    return Path(os.environ.get("GRADPROBE_HOME", Path.home() / ".cache" / "gradprobe"))
 
 
 def default_model_key(recipe: TrainingRecipe | None = None) -> str:

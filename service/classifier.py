@@ -1,39 +1,47 @@
-"""The default classifier: a small Fashion-MNIST CNN, its reproducible training and its artifact.
+"""The default example classifier: a small Fashion-MNIST CNN, its reproducible training and
+its artifact.
 
 The artifact is a ``torch.export`` program (``classifier.pt2``), loadable with plain torch and
 no project import (``torch.export.load(path).module()``), next to ``manifest.json`` with its
 sha256, class names, input spec and the layer names whose gradient norms form the features.
-The gradient engine needs per-layer hooks, which an exported graph does not offer, so the
-service rebuilds the eager module from the same weights and checks it against the exported
-program before use.
+It is loaded like any user's classifier (``detectors.model_dir.load_classifier``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The core's model-dir API, re-exported: this module is the default example's builder.
+from detectors.model_dir import LoadedClassifier, load_classifier, sha256_file
+from detectors.spec import MANIFEST_FILE, MODEL_FILES, ArtifactError, Manifest
+
+__all__ = [
+    "MANIFEST_FILE",
+    "ArtifactError",
+    "FashionCNN",
+    "LoadedClassifier",
+    "Manifest",
+    "TrainingRecipe",
+    "export_classifier",
+    "load_classifier",
+    "sha256_file",
+    "train_classifier",
+]
+
 ARCHITECTURE = "gradprobe.fashion_cnn.v1"
 ARTIFACT_FORMAT = "torch.export"
-MODEL_FILE = "classifier.pt2"
-MANIFEST_FILE = "manifest.json"
+MODEL_FILE = MODEL_FILES[ARTIFACT_FORMAT]
 INPUT_SHAPE = (1, 28, 28)
 # Fashion-MNIST training-set pixel statistics, applied inside the model so clients send [0, 1].
 PIXEL_MEAN = 0.2860
 PIXEL_STD = 0.3530
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, altered or does not match what it claims to be."""
 
 
 class FashionCNN(nn.Module):
@@ -66,61 +74,6 @@ class TrainingRecipe:
     # Narrow enough to train in about a minute on 2 cores and to serve per request on a CPU.
     channels: tuple[int, int] = (16, 32)
     hidden: int = 128
-
-
-@dataclass
-class Manifest:
-    """What a classifier artifact is; checked before the artifact is served."""
-
-    architecture: str
-    format: str
-    file: str
-    sha256: str
-    input_shape: list[int]
-    input_dtype: str
-    input_range: list[float]
-    classes: list[str]
-    layers: list[str]
-    test_accuracy: float
-    recipe: dict[str, Any] = field(default_factory=dict)
-    data_sha256: str = ""
-    torch_version: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def read(cls, model_dir: Path) -> Manifest:
-        path = model_dir / MANIFEST_FILE
-        if not path.exists():
-            raise ArtifactError(f"no {MANIFEST_FILE} in {model_dir}: not a GradProbe model folder")
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
-
-
-@dataclass
-class LoadedClassifier:
-    """An artifact checked against its manifest: the eager module for gradients, the exported
-    program for plain predictions (they agree; checked on load)."""
-
-    model_dir: Path
-    manifest: Manifest
-    module: nn.Module
-    exported: nn.Module
-
-    @property
-    def path(self) -> Path:
-        return self.model_dir / self.manifest.file
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_module(recipe: TrainingRecipe) -> FashionCNN:
@@ -211,41 +164,3 @@ def export_classifier(
     )
     (out_dir / MANIFEST_FILE).write_text(manifest.to_json())
     return manifest
-
-
-def load_classifier(model_dir: Path, device: str | torch.device = "cpu") -> LoadedClassifier:
-    """Load an artifact after checking its hash, then rebuild and cross-check the eager module."""
-    model_dir = Path(model_dir).resolve()
-    manifest = Manifest.read(model_dir)
-    if manifest.format != ARTIFACT_FORMAT or manifest.architecture != ARCHITECTURE:
-        raise ArtifactError(
-            f"{model_dir} holds a {manifest.architecture!r} model in {manifest.format!r} "
-            f"format; this GradProbe serves {ARCHITECTURE!r} in {ARTIFACT_FORMAT!r} format"
-        )
-    path = model_dir / manifest.file
-    if not path.exists():
-        raise ArtifactError(f"{path} is missing; rebuild it with `gradprobe train-model`")
-    actual = sha256_file(path)
-    if actual != manifest.sha256:
-        raise ArtifactError(
-            f"{path} has sha256 {actual} but its manifest says {manifest.sha256}: the file was "
-            "altered or replaced; rebuild it with `gradprobe train-model --force`"
-        )
-    program = torch.export.load(path)
-    recipe = TrainingRecipe(**{**manifest.recipe, "channels": tuple(manifest.recipe["channels"])})
-    module = build_module(recipe)
-    module.load_state_dict(program.state_dict, strict=True)
-    module = module.eval().to(device)
-    exported = program.module().to(device)
-    _check_agreement(module, exported, device)
-    return LoadedClassifier(
-        model_dir=model_dir, manifest=manifest, module=module, exported=exported
-    )
-
-
-def _check_agreement(module: nn.Module, exported: nn.Module, device: str | torch.device) -> None:
-    probe = torch.rand(4, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        a, b = module(probe), exported(probe)
-    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-        raise ArtifactError("the rebuilt module disagrees with the exported program")

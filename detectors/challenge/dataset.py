@@ -188,7 +188,7 @@ def build_split(
 
 
 def challenge_dir(classifier_sha256: str, recipe: ChallengeRecipe) -> Path:
-    from service.artifacts import gradprobe_home
+    from detectors.model_dir import gradprobe_home
 
     return gradprobe_home() / "challenge" / recipe.key(classifier_sha256)
 

@@ -53,9 +53,9 @@ def test_export_then_load_round_trip(small_train, tmp_path) -> None:
         assert loaded.exported(torch.rand(1, 1, 28, 28)).shape == (1, 10)  # dynamic batch
 
     stored = json.loads((tmp_path / "manifest.json").read_text())
-    stored["architecture"] = "someone.elses.model"
+    stored["format"] = "someone.elses.format"
     (tmp_path / "manifest.json").write_text(json.dumps(stored))
-    with pytest.raises(ArtifactError, match=r"someone\.elses\.model"):
+    with pytest.raises(ArtifactError, match=r"someone\.elses\.format"):
         load_classifier(tmp_path)
 
 
