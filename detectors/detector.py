@@ -46,6 +46,25 @@ class DetectorManifest:
     hidden_layers: list[int]
     training_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The operating point: an image is in_distribution when P(in_distribution) reaches it
+    # (chosen on validation data for a target false-positive rate); None: the most probable
+    # verdict.
+    threshold: float | None = None
+
+
+def verdict_indices(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Index into ``VERDICTS`` per row of calibrated probabilities (B, 4)."""
+    if threshold is None:
+        return probs.argmax(1)
+    novel = probs[:, 1:].argmax(1) + 1  # the most probable of ood / corrupted / adversarial
+    return np.where(probs[:, 0] >= threshold, 0, novel)
+
+
+def threshold_for_fpr(clean_probs: np.ndarray, target_fpr: float) -> float:
+    """The P(in_distribution) threshold that flags ``target_fpr`` of these clean images."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"the target false-positive rate must be in (0, 1), got {target_fpr}")
+    return float(np.quantile(clean_probs[:, 0], target_fpr))
 
 
 def _sha256(path: Path) -> str:
@@ -146,6 +165,7 @@ def export(
     classifier_sha256: str,
     training_data: dict[str, Any],
     metrics: dict[str, Any],
+    threshold: float | None = None,
 ) -> DetectorManifest:
     """Write the ONNX graph, the featurizer arrays and the manifest into ``out_dir``."""
     from skl2onnx import to_onnx
@@ -171,6 +191,7 @@ def export(
         hidden_layers=list(trained.pipeline[-1].hidden_layer_sizes),
         training_data=training_data,
         metrics=metrics,
+        threshold=threshold,
     )
     (out_dir / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
@@ -190,14 +211,15 @@ class OnnxDetector:
         if not path.exists():
             raise DetectorMismatch(
                 f"no {MANIFEST_FILE} in {folder}: not a detector folder; "
-                "train one with `gradprobe train-detector`"
+                "make one with `gradprobe fit --classifier FILE --train-data DIR --output "
+                "MODEL_DIR` (or `gradprobe train-detector` for the default model)"
             )
         self.manifest = DetectorManifest(**json.loads(path.read_text()))
         if self.manifest.classifier_sha256 != classifier_sha256:
             raise DetectorMismatch(
                 f"the detector in {folder} was trained for the classifier with sha256 "
                 f"{self.manifest.classifier_sha256}, but the classifier in use has sha256 "
-                f"{classifier_sha256}; train a detector for it with `gradprobe train-detector`"
+                f"{classifier_sha256}; fit a detector for it with `gradprobe fit`"
             )
         for name, expected in (
             (ONNX_FILE, self.manifest.onnx_sha256),
@@ -224,6 +246,10 @@ class OnnxDetector:
         _, probs = self.session.run(None, {self._input: vectors.astype(np.float32)})
         log_p = np.log(np.clip(probs, 1e-12, 1.0))
         return _softmax_t(log_p, self.manifest.temperature)
+
+    def verdict_indices(self, probs: np.ndarray) -> np.ndarray:
+        """Index into ``VERDICTS`` per image, at the detector's operating point."""
+        return verdict_indices(probs, self.manifest.threshold)
 
     def predict_proba(self, signals: object, images: np.ndarray | None = None) -> np.ndarray:
         """Calibrated (B, 4) from ``GradientSignals`` and the images they were computed from

@@ -20,8 +20,8 @@ from torch import nn
 
 from detectors.challenge.dataset import FAMILIES
 from detectors.detector import fit as fit_h
-from detectors.signals import GROUPS
-from detectors.training import PreparedData, fit_featurizer, vectors
+from detectors.signals import SignalFeaturizer
+from detectors.training import PreparedData, vectors
 
 PEERS = ("MSP", "ODIN", "Energy", "Mahalanobis", "KNN", "ViM", "GradNorm")
 
@@ -80,8 +80,14 @@ class _Penultimate(nn.Module):
         return captured[0].flatten(1)
 
 
-def peer_scores(model: nn.Module, data: PreparedData, progress: bool = True) -> Scores:
-    """The peers' novelty scores on the test split, fitted on the clean training images."""
+def peer_scores(
+    model: nn.Module,
+    data: PreparedData,
+    progress: bool = True,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Scores:
+    """The peers' novelty scores on the test split, fitted on clean training images:
+    ``reference`` (images, labels), by default the 60,000 Fashion-MNIST training images."""
     from pytorch_ood.detector import (
         KNN,
         ODIN,
@@ -97,16 +103,19 @@ def peer_scores(model: nn.Module, data: PreparedData, progress: bool = True) -> 
     from detectors.signals import embed
 
     model = model.eval()
-    train = load_fashion_mnist("train")
-    _, train_embeddings = embed(model, to_float(train.images))
-    z_train, y_train = torch.from_numpy(train_embeddings), torch.from_numpy(train.labels)
+    if reference is None:
+        train = load_fashion_mnist("train")
+        reference = (to_float(train.images), train.labels)
+    _, train_embeddings = embed(model, reference[0])
+    z_train, y_train = torch.from_numpy(train_embeddings), torch.from_numpy(reference[1])
     test = data.signals["test"]
     z_test = torch.from_numpy(test.embeddings)
     last = _Penultimate(model).last
     out: dict[str, np.ndarray] = {}
     out["Mahalanobis"] = Mahalanobis(None).fit_features(z_train, y_train).predict_features(z_test)
     out["KNN"] = KNN(None, k=50).fit_features(z_train, y_train).predict_features(z_test)
-    vim = ViM(None, d=min(64, z_train.shape[1] // 2), w=last.weight.detach(), b=last.bias.detach())
+    bias = last.bias.detach() if last.bias is not None else torch.zeros(last.weight.shape[0])
+    vim = ViM(None, d=min(64, z_train.shape[1] // 2), w=last.weight.detach(), b=bias)
     out["ViM"] = vim.fit_features(z_train, y_train).predict_features(z_test)
     images = torch.from_numpy(data.splits["test"].images)
     image_peers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -157,11 +166,13 @@ def family_of(kind: str) -> str:
     ]
 
 
-def leave_one_out(data: PreparedData, model: nn.Module, progress: bool = True) -> dict[str, float]:
-    """AUROC (vs clean) on each held-out kind, for an H trained without that kind."""
+def leave_one_out(
+    data: PreparedData, featurizer: SignalFeaturizer, progress: bool = True
+) -> dict[str, float]:
+    """AUROC (vs clean) on each held-out kind, for an H (on ``featurizer``'s signals) trained
+    without that kind."""
     from tqdm import tqdm
 
-    featurizer = fit_featurizer(model, GROUPS)
     columns = featurizer.column_names(1, ["x"])  # names are not needed here
     x = {
         s: vectors(featurizer, data.signals[s], data.splits[s].images)

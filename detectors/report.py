@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +18,53 @@ from detectors.evaluation import (
     peer_scores,
     per_kind_metrics,
 )
+from detectors.signals import SignalFeaturizer
 from detectors.training import PreparedData, fit_featurizer, vectors
 
+FeaturizerFactory = Callable[[tuple[str, ...]], SignalFeaturizer]
 
-def _ablation(data: PreparedData, model: object, progress: bool) -> list[tuple[str, dict]]:
-    """What each peer signal adds to the gradient features: H retrained per signal set."""
+# Signal sets of a user's H (no image statistics: they would assume a background).
+PORTABLE_ABLATION = [
+    ("gradients", ("gradients", "gradient_summary")),
+    ("gradients + logits", ("gradients", "gradient_summary", "logits")),
+    ("all = H", ("gradients", "gradient_summary", "logits", "knn", "mahalanobis")),
+    ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
+]
+FASHION_INTRO = (
+    "Regenerate with `gradprobe evaluate`. Test split: Fashion-MNIST test images whose "
+    "sources never appear in H's training or validation data (see "
+    "`detectors/challenge/dataset.py`); peers from pytorch-ood on the same classifier "
+    "and the same images. Scores: AUROC of 'challenge vs clean' (higher is better).\n\n"
+    "H's inputs: the ranked log gradient norms (the method's signal), the peers' cheap "
+    "signals (max softmax, energy, max logit, KNN and Mahalanobis distances) and 16 "
+    "statistics of the image itself (`detectors.signals.image_statistics`). The peers "
+    "below use none of the image statistics; the ablation shows what each group adds, "
+    "including image statistics alone."
+)
+FASHION_CAVEAT = (
+    " H learns what its training kinds have in common; an attack unlike them (C&W-L2 "
+    "moves few pixels by little and leaves the background black) is called clean when "
+    "it was never seen, while MSP catches it by its low confidence. The image statistics "
+    "lean on Fashion-MNIST's black background: clean images from another pipeline "
+    "(JPEG artefacts, a grey background) would look corrupted to them."
+)
+
+
+def _ablation(
+    data: PreparedData,
+    make_featurizer: FeaturizerFactory,
+    sets: list[tuple[str, tuple[str, ...]]],
+    progress: bool,
+) -> list[tuple[str, dict]]:
+    """What each signal group adds to the gradient features: H retrained per signal set."""
     from sklearn.metrics import f1_score
 
     from detectors.detector import fit as fit_h
 
-    sets = [
-        ("gradients", ("gradients",)),
-        ("gradients + logits", ("gradients", "logits")),
-        ("gradients + logits + knn", ("gradients", "logits", "knn")),
-        ("gradients + logits + knn + mahalanobis", ("gradients", "logits", "knn", "mahalanobis")),
-        ("all (+ image statistics) = H", ("gradients", "logits", "knn", "mahalanobis", "image")),
-        ("gradients + image statistics", ("gradients", "image")),
-        ("image statistics only", ("image",)),
-        ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
-    ]
-    kinds = data.splits["test"].kind
     rows = []
+    kinds = data.splits["test"].kind
     for name, groups in sets:
-        featurizer = fit_featurizer(model, groups)
+        featurizer = make_featurizer(groups)
         x = {
             s: vectors(featurizer, data.signals[s], data.splits[s].images)
             for s in ("train", "val", "test")
@@ -54,13 +79,28 @@ def _ablation(data: PreparedData, model: object, progress: bool) -> list[tuple[s
                 name,
                 {
                     "macro_f1": float(f1_score(y["test"], probs.argmax(1), average="macro")),
-                    **{f: by_family[f]["H"]["auroc"] for f in ("ood", "corrupted", "adversarial")},
+                    **{
+                        f: by_family[f]["H"]["auroc"] if f in by_family else float("nan")
+                        for f in ("ood", "corrupted", "adversarial")
+                    },
                 },
             )
         )
         if progress:
             print(f"ablation {name}: {rows[-1][1]}", file=sys.stderr)
     return rows
+
+
+FASHION_ABLATION = [
+    ("gradients", ("gradients",)),
+    ("gradients + logits", ("gradients", "logits")),
+    ("gradients + logits + knn", ("gradients", "logits", "knn")),
+    ("gradients + logits + knn + mahalanobis", ("gradients", "logits", "knn", "mahalanobis")),
+    ("all (+ image statistics) = H", ("gradients", "logits", "knn", "mahalanobis", "image")),
+    ("gradients + image statistics", ("gradients", "image")),
+    ("image statistics only", ("image",)),
+    ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
+]
 
 
 def write_report(
@@ -70,8 +110,19 @@ def write_report(
     out_dir: Path,
     progress: bool = True,
     leave_out: bool = True,
+    *,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
+    make_featurizer: FeaturizerFactory | None = None,
+    ablation_sets: list[tuple[str, tuple[str, ...]]] | None = None,
+    intro: str = FASHION_INTRO,
+    caveat: str = FASHION_CAVEAT,
 ) -> Path:
-    """Compute everything and write ``REPORT.md`` and the plots into ``out_dir``."""
+    """Compute everything and write ``REPORT.md`` and the plots into ``out_dir``.
+
+    The defaults describe the default Fashion-MNIST H; for a user's model, ``reference`` is
+    its clean training images and labels (peers and featurizers are fitted on them) and
+    ``make_featurizer`` builds a featurizer for a tuple of signal groups.
+    """
     from sklearn.metrics import confusion_matrix, f1_score
 
     from detectors.detector import _softmax_t, expected_calibration_error
@@ -81,11 +132,17 @@ def write_report(
     probs = detector.predict_proba_vectors(
         vectors(detector.featurizer, data.signals["test"], test.images)
     )
-    scores = {"H": h_scores(probs), **peer_scores(model, data, progress).by_method}
+    if make_featurizer is None:
+
+        def make_featurizer(groups: tuple[str, ...]) -> SignalFeaturizer:
+            return fit_featurizer(model, groups)
+
+    peers = peer_scores(model, data, progress, reference=reference)
+    scores = {"H": h_scores(probs), **peers.by_method}
     by_kind = per_kind_metrics(test.kind, scores, lambda k: k)
     by_group = per_kind_metrics(test.kind, scores, kind_group)
     by_family = per_kind_metrics(test.kind, scores, lambda k: k.split(":")[0])
-    predicted = probs.argmax(1)
+    predicted = detector.verdict_indices(probs)
     matrix = confusion_matrix(test.family, predicted, labels=range(len(FAMILIES)))
     macro_f1 = float(f1_score(test.family, predicted, average="macro"))
     temperature = float(detector.manifest.temperature)
@@ -93,8 +150,9 @@ def write_report(
     raw = _softmax_t(np.log(np.clip(probs, 1e-12, 1.0)), 1.0 / temperature)
     ece = expected_calibration_error(probs, test.family)
     ece_raw = expected_calibration_error(raw, test.family)
-    unseen = leave_one_out(data, model, progress) if leave_out else {}
-    ablation = _ablation(data, model, progress)
+    groups = tuple(detector.featurizer.groups)
+    unseen = leave_one_out(data, make_featurizer(groups), progress) if leave_out else {}
+    ablation = _ablation(data, make_featurizer, ablation_sets or FASHION_ABLATION, progress)
 
     _plot_roc(test.kind, scores, out_dir / "roc_by_family.png")
     _plot_histograms(test.kind, scores["H"], out_dir / "h_score_histograms.png")
@@ -105,16 +163,7 @@ def write_report(
     lines = [
         "# Detector H: held-out evaluation",
         "",
-        "Regenerate with `gradprobe evaluate`. Test split: Fashion-MNIST test images whose "
-        "sources never appear in H's training or validation data (see "
-        "`detectors/challenge/dataset.py`); peers from pytorch-ood on the same classifier "
-        "and the same images. Scores: AUROC of 'challenge vs clean' (higher is better).",
-        "",
-        "H's inputs: the ranked log gradient norms (the method's signal), the peers' cheap "
-        "signals (max softmax, energy, max logit, KNN and Mahalanobis distances) and 16 "
-        "statistics of the image itself (`detectors.signals.image_statistics`). The peers "
-        "below use none of the image statistics; the ablation shows what each group adds, "
-        "including image statistics alone.",
+        intro,
         "",
         f"Test images: {len(test)} ({counts}).",
         "",
@@ -148,11 +197,8 @@ def write_report(
         "",
         "**Where unseen H falls behind the best peer:** "
         + ("; ".join(shortfalls) if shortfalls else "nowhere in this list")
-        + ". H learns what its training kinds have in common; an attack unlike them (C&W-L2 "
-        "moves few pixels by little and leaves the background black) is called clean when "
-        "it was never seen, while MSP catches it by its low confidence. The image statistics "
-        "lean on Fashion-MNIST's black background: clean images from another pipeline "
-        "(JPEG artefacts, a grey background) would look corrupted to them.",
+        + "."
+        + caveat,
     ]
     lines += [
         "",

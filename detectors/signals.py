@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image")
+GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image", "gradient_summary")
+# The default Fashion-MNIST H's groups (the image statistics assume its black background).
+DEFAULT_GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image")
+# For a user's classifier: nothing that assumes a background, a size or a class count.
+PORTABLE_GROUPS = ("gradients", "gradient_summary", "logits", "knn", "mahalanobis")
 EPS = 1e-30
 IMAGE_COLUMNS = (
     "img_mean",
@@ -94,6 +98,9 @@ class SignalFeaturizer:
     bank: np.ndarray | None = None  # (M, D) L2-normalized training embeddings
     class_means: np.ndarray | None = None  # (N, D)
     precision: np.ndarray | None = None  # (D, D) inverse of the shared covariance
+    # Ranked gradient columns kept per layer: None keeps all N labels; with many classes the
+    # first few ranks (the most plausible labels) and ``gradient_summary`` carry the signal.
+    max_ranks: int | None = None
 
     def fit(
         self, embeddings: np.ndarray, labels: np.ndarray, bank_size: int = 5_000, seed: int = 0
@@ -120,7 +127,10 @@ class SignalFeaturizer:
     def column_names(self, n_classes: int, layers: list[str]) -> list[str]:
         names: list[str] = []
         if "gradients" in self.groups:
-            names += [f"log_grad[rank{r}][{layer}]" for r in range(n_classes) for layer in layers]
+            ranks = range(self._ranks(n_classes))
+            names += [f"log_grad[rank{r}][{layer}]" for r in ranks for layer in layers]
+        if "gradient_summary" in self.groups:
+            names += [f"log_grad_{s}[{layer}]" for s in ("mean", "std", "max") for layer in layers]
         if "logits" in self.groups:
             names += ["msp", "energy", "max_logit"]
         if "knn" in self.groups:
@@ -141,11 +151,15 @@ class SignalFeaturizer:
         """(B, d) float32 from features (B, N, L), logits (B, N), embeddings (B, D) and, for
         the ``image`` group, the images (B, 1, H, W) the signals were computed from."""
         columns = []
+        log_grad = np.log(features.astype(np.float64) + EPS)
         if "gradients" in self.groups:
-            log_grad = np.log(features.astype(np.float64) + EPS)
             order = np.argsort(log_grad.sum(-1), axis=1)  # labels by total change asked for
+            order = order[:, : self._ranks(features.shape[1])]
             ranked = np.take_along_axis(log_grad, order[:, :, None], axis=1)
             columns.append(ranked.reshape(len(features), -1))
+        if "gradient_summary" in self.groups:
+            stats = (log_grad.mean(1), log_grad.std(1), log_grad.max(1))
+            columns.append(np.concatenate(stats, axis=1))
         if "logits" in self.groups:
             z = logits.astype(np.float64)
             top = z.max(1, keepdims=True)
@@ -170,6 +184,9 @@ class SignalFeaturizer:
             columns.append(image_statistics(images))
         return np.concatenate(columns, axis=1).astype(np.float32)
 
+    def _ranks(self, n_classes: int) -> int:
+        return n_classes if self.max_ranks is None else min(n_classes, self.max_ranks)
+
     def transform_signals(self, signals: object, images: np.ndarray | None = None) -> np.ndarray:
         """From ``GradientSignals`` (tensors) directly, and the images they were computed from."""
         as_np = {
@@ -187,6 +204,7 @@ class SignalFeaturizer:
             bank=self.bank,
             class_means=self.class_means,
             precision=self.precision,
+            max_ranks=np.array(-1 if self.max_ranks is None else self.max_ranks),
         )
 
     @classmethod
@@ -198,11 +216,16 @@ class SignalFeaturizer:
                 bank=data["bank"],
                 class_means=data["class_means"],
                 precision=data["precision"],
+                max_ranks=_optional_int(data["max_ranks"]) if "max_ranks" in data else None,
             )
 
     def _check_fitted(self) -> None:
         if self.bank is None or self.class_means is None or self.precision is None:
             raise RuntimeError("SignalFeaturizer.fit must run before transform or save")
+
+
+def _optional_int(value: np.ndarray) -> int | None:
+    return None if int(value) < 0 else int(value)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from detectors.challenge.dataset import (
 )
 from detectors.datasets import load_fashion_mnist, to_float
 from detectors.fingerprint import code_fingerprint
-from detectors.signals import GROUPS, SignalFeaturizer, embed
+from detectors.signals import DEFAULT_GROUPS, SignalFeaturizer, embed
 
 
 @dataclass
@@ -71,7 +71,9 @@ def split_signals(
     return result
 
 
-def fit_featurizer(model: torch.nn.Module, groups: tuple[str, ...] = GROUPS) -> SignalFeaturizer:
+def fit_featurizer(
+    model: torch.nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS
+) -> SignalFeaturizer:
     """KNN bank and Mahalanobis statistics from the 60,000 clean training images."""
     train = load_fashion_mnist("train")
     _, embeddings = embed(model, to_float(train.images))
@@ -127,7 +129,7 @@ def train_detector(
     classifier_sha256: str,
     out_dir: Path,
     recipe: ChallengeRecipe | None = None,
-    groups: tuple[str, ...] = GROUPS,
+    groups: tuple[str, ...] = DEFAULT_GROUPS,
     progress: bool = True,
 ) -> Path:
     """Build (or reuse) the challenge data, fit H on train (temperature on val), report its
