@@ -2,7 +2,7 @@
 
 It knows nothing of gRPC, HTTP or the command line; the servicers, the CLI and the TorchServe
 handler are thin layers over ``Assessor``. Inputs reaching it are already validated float32
-(B, 1, 28, 28) in [0, 1] (see ``service.inputs``).
+(B, C, H, W) in [0, 1] at the model's input shape (see ``service.inputs``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from detectors.gradients import GradientFeatures, GradientSignals
-from service.classifier import LoadedClassifier
+from detectors.model_dir import LoadedClassifier
 
 VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
 
@@ -28,7 +28,11 @@ class Detector(Protocol):
 
     def predict_proba(self, signals: GradientSignals, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (B, 4), columns in ``VERDICTS`` order, from the signals
-        and the images (B, 1, 28, 28) they were computed from."""
+        and the images (B, C, H, W) they were computed from."""
+        ...
+
+    def verdict_indices(self, probs: np.ndarray) -> np.ndarray:
+        """Index into ``VERDICTS`` per image, at the detector's operating point."""
         ...
 
 
@@ -53,12 +57,19 @@ class Assessor:
         classifier: a loaded, hash-checked classifier artifact.
         detector: the trained detector H for that classifier.
         device: where the forward and gradient pass run ("cpu" or "cuda").
+        name: what requests call this model (default: its model dir's name).
     """
 
     def __init__(
-        self, classifier: LoadedClassifier, detector: Detector, device: str = "cpu"
+        self,
+        classifier: LoadedClassifier,
+        detector: Detector,
+        device: str = "cpu",
+        name: str | None = None,
     ) -> None:
         self.classifier = classifier
+        self.name = name or classifier.name
+        self.spec = classifier.spec
         self.detector = detector
         self.device = device
         self.module = classifier.module.to(device)
@@ -69,20 +80,21 @@ class Assessor:
         return list(self.classifier.manifest.classes)
 
     def assess(self, images: np.ndarray) -> BatchAssessment:
-        """Verdicts for a validated batch (float32 (B, 1, 28, 28) in [0, 1])."""
+        """Verdicts for a validated batch (float32 (B, C, H, W) in [0, 1])."""
         signals = self.engine.signals(torch.from_numpy(images))
         start = time.perf_counter()
         scores = self.detector.predict_proba(signals, images)
         detector_ms = (time.perf_counter() - start) * 1000
+        verdicts = self.detector.verdict_indices(scores)
         probabilities = torch.softmax(signals.logits, dim=-1).cpu().numpy()
         assessments = [
             Assessment(
                 prediction=int(p.argmax()),
                 probabilities=p,
-                verdict=VERDICTS[int(s.argmax())],
-                scores={name: float(v) for name, v in zip(VERDICTS, s, strict=True)},
+                verdict=VERDICTS[int(v)],
+                scores={name: float(x) for name, x in zip(VERDICTS, s, strict=True)},
             )
-            for p, s in zip(probabilities, scores, strict=True)
+            for p, s, v in zip(probabilities, scores, verdicts, strict=True)
         ]
         return BatchAssessment(assessments, {**signals.timings_ms, "detector": detector_ms})
 

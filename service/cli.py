@@ -12,27 +12,32 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.inputs import EXPECTED, InvalidInput, load_images
+from service.inputs import GENERIC_EXPECTED, InvalidInput, load_images
 
 if TYPE_CHECKING:
-    from service.classifier import LoadedClassifier
+    from detectors.model_dir import LoadedClassifier
 
 DESCRIPTION = """\
 GradProbe tells when an image classifier's input is novel (out-of-distribution, corrupted or
 adversarial), from the gradients of all contrast labels backpropagated through the classifier.
 
-The default deployment is a Fashion-MNIST CNN, built reproducibly on first use and cached under
-$GRADPROBE_HOME (default ~/.cache/gradprobe). Images are float32 (B, 1, 28, 28) in [0, 1] or
-uint8 (B, 28, 28), saved with numpy.save.
+Bring your own classifier: `gradprobe fit` turns a TorchScript (.pt) or torch.export (.pt2) file
+and a folder of your clean images into a model dir (classifier, manifest, detector H, report)
+that every other command takes with --model-dir. Without --model-dir, commands use the built-in
+example, a Fashion-MNIST CNN built reproducibly on first use and cached under $GRADPROBE_HOME
+(default ~/.cache/gradprobe). Images are .npy batches: float32 (B, C, H, W) in [0, 1] at the
+model's input shape (`gradprobe info`), or uint8 pixels.
 """
 
 EPILOG = """\
 examples:
-  gradprobe info --json
-  gradprobe features --images batch.npy --output features.npy
+  gradprobe fit --classifier model.pt --train-data train/ --output my-model
+  gradprobe info --model-dir my-model --json
+  gradprobe assess --model-dir my-model --images batch.npy --output verdicts.jsonl
+  gradprobe serve --model-dir my-model --port 50051 --metrics-port 9464
+  gradprobe example signs --output signs && gradprobe fit --classifier signs/classifier.pt \\
+      --train-data signs/train --output signs/model
   gradprobe demo
-  gradprobe serve --port 50051 --metrics-port 9464
-  gradprobe archive --mode gate --export-path model-store
 """
 
 
@@ -51,26 +56,37 @@ def _device(name: str) -> str:
 
 
 def _load(args: argparse.Namespace) -> LoadedClassifier:
+    from detectors.model_dir import load_classifier
     from service.artifacts import ensure_default_model
-    from service.classifier import load_classifier
 
     model_dir = args.model_dir or ensure_default_model(quiet=args.quiet)
     return load_classifier(model_dir, device=_device(args.device))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
+    from detectors.model_dir import DETECTOR_DIR, REPORT_DIR
+
     loaded = _load(args)
     manifest = loaded.manifest
+    detector = loaded.model_dir / DETECTOR_DIR
+    report = loaded.model_dir / REPORT_DIR / "REPORT.md"
     info = {
+        "model_dir": str(loaded.model_dir),
         "classifier": str(loaded.path),
         "format": manifest.format,
         "sha256": manifest.sha256,
         "architecture": manifest.architecture,
         "input_shape": manifest.input_shape,
         "input_dtype": manifest.input_dtype,
+        "input_range": manifest.input_range,
+        "normalization": manifest.normalization,
+        "resizes_encoded": manifest.resize,
         "classes": manifest.classes,
         "layers": manifest.layers,
         "test_accuracy": manifest.test_accuracy,
+        "detector": str(detector) if (detector / DETECTOR_MANIFEST).exists() else None,
+        "report": str(report) if report.exists() else None,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -87,8 +103,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     from detectors.gradients import GradientFeatures
 
-    images = load_images(args.images)
     loaded = _load(args)
+    images = load_images(args.images, loaded.spec)
     engine = GradientFeatures(loaded.module, labels=args.labels, max_batch=args.batch_size)
     if engine.layer_names != loaded.manifest.layers:
         raise UsageError("the model's layers differ from its manifest; rebuild the artifact")
@@ -147,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import load_default_assessor, serve
+    from service.server import load_assessors, serve
     from service.settings import Settings, SettingsError
 
     try:
@@ -155,12 +171,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.resolved_device()
     except SettingsError as exc:
         raise UsageError(str(exc)) from exc
-    return serve(settings, lambda: load_default_assessor(settings))
+    # Loaded before the server starts listening: a model dir that is not servable fails
+    # fast with its reason, before any port is taken.
+    assessors = load_assessors(settings)
+    return serve(settings, assessors)
 
 
 def cmd_assess(args: argparse.Namespace) -> int:
-    images = load_images(args.images)
-    rows = _assess_remote(args, images) if args.server else _assess_local(args, images)
+    rows = _assess_remote(args) if args.server else _assess_local(args)
     if rows is None:
         return 1
     text = "".join(json.dumps(row) + "\n" for row in rows)
@@ -173,13 +191,20 @@ def cmd_assess(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assess_local(args: argparse.Namespace, images: np.ndarray) -> list[dict]:
-    """In this process: the classifier and its default detector H (trained if absent)."""
-    from service.artifacts import load_default_detector
+def _assess_local(args: argparse.Namespace) -> list[dict]:
+    """In this process: the model dir's classifier and H (the built-in example's H is
+    trained on first use)."""
     from service.assessor import Assessor
+    from service.registry import load_detector
 
     loaded = _load(args)
-    detector = load_default_detector(loaded, quiet=args.quiet)
+    images = load_images(args.images, loaded.spec)
+    if args.model_dir is None:
+        from service.artifacts import load_default_detector
+
+        detector = load_default_detector(loaded, quiet=args.quiet)
+    else:
+        detector = load_detector(loaded, quiet=args.quiet)
     assessor = Assessor(loaded, detector, device=_device(args.device))
     rows = []
     for start in range(0, len(images), args.batch_size):
@@ -197,17 +222,29 @@ def _assess_local(args: argparse.Namespace, images: np.ndarray) -> list[dict]:
     return rows
 
 
-def _assess_remote(args: argparse.Namespace, images: np.ndarray) -> list[dict] | None:
+def _assess_remote(args: argparse.Namespace) -> list[dict] | None:
     """Through a running `gradprobe serve`; None after printing the server's error."""
     import grpc
 
+    from detectors.spec import ModelSpec
     from service.client import ReliabilityClient
 
     rows = []
     with ReliabilityClient(args.server, timeout=args.timeout, wait_for_ready=False) as client:
+        try:
+            info = client.info(model=args.model)
+        except grpc.RpcError as exc:
+            print(
+                f"gradprobe assess: error: {args.server} answered {exc.code().name}: "
+                f"{exc.details()} (is `gradprobe serve` running there?)",
+                file=sys.stderr,
+            )
+            return None
+        spec = ModelSpec(tuple(info["input_shape"]), tuple(info["classes"]))
+        images = load_images(args.images, spec)
         for start in range(0, len(images), args.batch_size):
             try:
-                answers = client.assess(images[start : start + args.batch_size])
+                answers = client.assess(images[start : start + args.batch_size], model=args.model)
             except grpc.RpcError as exc:
                 code = exc.code()
                 hint = f" (is `gradprobe serve` running at {args.server}?)"
@@ -251,7 +288,10 @@ def _add_service_commands(sub: argparse._SubParsersAction, common: argparse.Argu
     assess.add_argument(
         "--server", default=None, help="HOST:PORT of a running server (default: assess locally)"
     )
-    assess.add_argument("--images", type=Path, required=True, help=f".npy file: {EXPECTED}")
+    assess.add_argument(
+        "--model", default="", help="with --server: the served model's name (see ListModels)"
+    )
+    assess.add_argument("--images", type=Path, required=True, help=f".npy file: {GENERIC_EXPECTED}")
     assess.add_argument(
         "--output", type=Path, default=None, help=".jsonl file to write (default: stdout)"
     )
@@ -277,6 +317,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from detectors.training import prepare
     from service.artifacts import load_default_detector
 
+    if args.model_dir is not None:
+        from detectors.model_dir import REPORT_DIR
+
+        report = args.model_dir / REPORT_DIR / "REPORT.md"
+        if not report.exists():
+            raise UsageError(
+                f"{args.model_dir} has no report: it is written by `gradprobe fit` (without "
+                "--no-report); run fit again to make one"
+            )
+        print(report)
+        return 0
     loaded = _load(args)
     detector = load_default_detector(loaded, quiet=args.quiet)
     data = prepare(loaded.module, loaded.manifest.sha256, progress=not args.quiet)
@@ -328,6 +379,180 @@ def _add_detector_commands(
     evaluate.set_defaults(func=cmd_evaluate)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    return values
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from detectors.fit.challenge import FitRecipe
+    from detectors.fit.training import FitOptions, fit
+
+    if (args.mean is None) != (args.std is None):
+        raise UsageError("--mean and --std go together")
+    if args.output.exists() and any(args.output.iterdir()) and not args.force:
+        from detectors.spec import MANIFEST_FILE
+
+        if not (args.output / MANIFEST_FILE).exists():
+            raise UsageError(
+                f"{args.output} exists and is not a model dir; choose another --output"
+            )
+    recipe = FitRecipe.quick(args.seed) if args.quick else FitRecipe(seed=args.seed)
+    if args.budget != 1.0:
+        recipe = recipe.scaled(args.budget)
+    options = FitOptions(
+        val_data=args.val_data,
+        ood_data=list(args.ood_data or []),
+        target_fpr=args.target_fpr,
+        mean=args.mean,
+        std=args.std,
+        input_shape=args.input_shape,
+        recipe=recipe,
+        report=not args.no_report,
+        leave_one_out=not args.no_leave_one_out,
+        resize=args.resize_encoded,
+        progress=not args.quiet,
+    )
+    print(fit(args.classifier, args.train_data, args.output, options))
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from detectors.fit.signs import build_example
+
+    print(
+        build_example(
+            args.output, per_class=args.per_class, size=args.size, seed=args.seed,
+            progress=not args.quiet,
+        )
+    )  # fmt: skip
+    return 0
+
+
+def _add_fit_commands(sub: argparse._SubParsersAction) -> None:
+    fit = sub.add_parser(
+        "fit",
+        help="bring your own classifier: build a model dir (detector H, report) for it",
+        description=textwrap.fill(
+            "Build a model dir for your classifier from your own clean images: the classifier "
+            "file with a manifest (hash, input shape, classes, layers), challenge data made for "
+            "your domain (out-of-distribution sets, corruptions scaled to the image size, "
+            "attacks on your classifier with budgets scaled to it, your own --ood-data), the "
+            "KNN/Mahalanobis banks fitted on your images, the detector H (calibrated, with an "
+            "operating point for --target-fpr), and a held-out report with peers and "
+            "leave-one-kind-out results. Expensive steps are cached: an interrupted fit "
+            "resumes.",
+            width=88,
+        ),
+        epilog="The classifier takes float32 (B, C, H, W) in [0, 1] and returns logits (B, N); "
+        "it normalizes inside (the default) or GradProbe applies --mean/--std first.\n\n"
+        "example:\n  gradprobe fit --classifier signs.pt --train-data signs/train "
+        "--output signs-model\n  gradprobe serve --model-dir signs-model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument(
+        "--classifier",
+        type=Path,
+        required=True,
+        help="TorchScript (.pt, torch.jit.save) or torch.export (.pt2) file",
+    )
+    fit.add_argument(
+        "--train-data",
+        type=Path,
+        required=True,
+        help="ImageFolder tree (one sub-folder per class, PNG/JPEG; sorted names = class "
+        "indices) or .npz with `images` and `labels`",
+    )
+    fit.add_argument("--output", type=Path, required=True, help="the model dir to write")
+    fit.add_argument(
+        "--val-data",
+        type=Path,
+        default=None,
+        help="held-out clean images, same layout (default: a share of --train-data)",
+    )
+    fit.add_argument(
+        "--ood-data",
+        type=Path,
+        action="append",
+        help="a folder (or .npz) of your own examples of what should be flagged; repeatable",
+    )
+    fit.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.03,
+        help="share of clean images the operating point may flag (default 0.03)",
+    )
+    fit.add_argument(
+        "--mean", type=_floats, default=None, help="per-channel mean GradProbe subtracts first"
+    )
+    fit.add_argument("--std", type=_floats, default=None, help="per-channel std, with --mean")
+    fit.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="C,H,W the classifier takes (default: the training images' channels and size)",
+    )
+    fit.add_argument(
+        "--resize-encoded",
+        action="store_true",
+        help="let the server resize PNG/JPEG requests of another size (default: refuse them)",
+    )
+    fit.add_argument(
+        "--quick", action="store_true", help="few challenge images: to try the commands out"
+    )
+    fit.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="scale every challenge-image count by this factor (default 1)",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="seed of the challenge data (default 0)")
+    fit.add_argument("--no-report", action="store_true", help="skip the held-out report")
+    fit.add_argument(
+        "--no-leave-one-out",
+        action="store_true",
+        help="report without the (slower) leave-one-kind-out retraining",
+    )
+    fit.add_argument("--force", action="store_true", help="replace --output if it exists")
+    fit.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or notes on stderr"
+    )
+    fit.set_defaults(func=cmd_fit)
+
+    example = sub.add_parser(
+        "example",
+        help="make the RGB example: traffic-sign images and a classifier (TorchScript)",
+        description="Generate a synthetic traffic-sign data set (ImageFolder PNGs, RGB), train "
+        "a small ResNet-style classifier on it and save it as TorchScript: the input of "
+        "`gradprobe fit`, offline.",
+        epilog="example:\n  gradprobe example signs --output signs\n  gradprobe fit "
+        "--classifier signs/classifier.pt --train-data signs/train --output signs/model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    example.add_argument("name", choices=("signs",), help="which example")
+    example.add_argument("--output", type=Path, required=True, help="folder to write")
+    example.add_argument("--per-class", type=int, default=300, help="images per class")
+    example.add_argument("--size", type=int, default=32, help="image side in pixels")
+    example.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    example.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    example.set_defaults(func=cmd_example)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradprobe",
@@ -340,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-dir",
         type=Path,
         default=None,
-        help="classifier folder (classifier.pt2 + manifest.json); "
-        "default: the built-in Fashion-MNIST model, built if absent",
+        help="a model dir (made by `gradprobe fit`); default: the built-in Fashion-MNIST "
+        "example, built if absent",
     )
     common.add_argument(
         "--device",
@@ -371,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute F[b, c, l] = ||dCE(f(x_b), onehot(c)) / dθ_l||² for every image "
         "b, class c and parameterized layer l (layers in the order of `info`).",
     )
-    feats.add_argument("--images", type=Path, required=True, help=f".npy file: {EXPECTED}")
+    feats.add_argument("--images", type=Path, required=True, help=f".npy file: {GENERIC_EXPECTED}")
     feats.add_argument(
         "--output",
         type=Path,
@@ -425,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_commands(sub, common)
     _add_detector_commands(sub, common)
     _add_archive_command(sub, common)
+    _add_fit_commands(sub)
     return parser
 
 
@@ -519,7 +745,9 @@ def _add_archive_command(sub: argparse._SubParsersAction, common: argparse.Argum
 
 def main(argv: Sequence[str] | None = None) -> int:
     from detectors.datasets import DatasetMissing
-    from service.classifier import ArtifactError
+    from detectors.detector import DetectorMismatch
+    from detectors.fit.data import DataError
+    from detectors.spec import ArtifactError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -527,7 +755,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     try:
         return args.func(args)
-    except (InvalidInput, UsageError, ArtifactError, DatasetMissing) as exc:
+    except (
+        InvalidInput,
+        UsageError,
+        ArtifactError,
+        DatasetMissing,
+        DataError,
+        DetectorMismatch,
+    ) as exc:
         print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

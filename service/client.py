@@ -3,7 +3,8 @@
 from service.client import ReliabilityClient
 
 with ReliabilityClient("127.0.0.1:50051") as client:
-    for answer in client.assess(images):   # float32 (B, 1, 28, 28) in [0, 1] or uint8
+    info = client.info()                    # input_shape [C, H, W], classes, ...
+    for answer in client.assess(images):   # float32 (B, C, H, W) in [0, 1] or uint8
         print(answer["verdict"], answer["scores"])
 """
 
@@ -28,9 +29,11 @@ _VERDICT_NAMES = {
 
 
 def image_messages(images: np.ndarray) -> list[pb.Image]:
-    """One ``Image`` per image of a (B, 28, 28) or (B, 1, 28, 28) uint8/float32 array.
+    """One ``Image`` per image of a (B, C, H, W) uint8/float32 array (also (B, H, W) for
+    one-channel models, or uint8 (B, H, W, C)).
 
-    Values are not checked here: the server validates them and says what is wrong.
+    Values and shapes are not checked against the model here: the server validates them and
+    says what is wrong.
     """
     images = np.asarray(images)
     dtypes = {np.dtype(np.uint8): pb.RawPixels.UINT8, np.dtype(np.float32): pb.RawPixels.FLOAT32}
@@ -38,7 +41,7 @@ def image_messages(images: np.ndarray) -> list[pb.Image]:
         hint = " (cast with .astype(np.float32))" if images.dtype.kind == "f" else ""
         raise ValueError(f"images must be uint8 or float32; got {images.dtype}{hint}")
     if images.ndim not in (3, 4):
-        raise ValueError(f"images must be (B, 28, 28) or (B, 1, 28, 28); got {images.shape}")
+        raise ValueError(f"images must be (B, C, H, W) or (B, H, W); got {images.shape}")
     dtype = dtypes[images.dtype]
     little_endian = images.astype(images.dtype.newbyteorder("<"), copy=False)
     return [
@@ -127,19 +130,23 @@ class ReliabilityClient:
     def _call(self) -> dict[str, Any]:
         return {"timeout": self.timeout, "wait_for_ready": self.wait_for_ready}
 
-    def assess(self, images: np.ndarray) -> list[dict[str, Any]]:
+    def assess(self, images: np.ndarray, model: str = "") -> list[dict[str, Any]]:
         """One dict per image: index, prediction, class_name, probabilities, verdict, scores,
-        timings_ms, batch_size. Raises ``grpc.RpcError`` (e.g. INVALID_ARGUMENT) on failure."""
-        response = self.stub.Assess(pb.AssessRequest(images=image_messages(images)), **self._call())
+        timings_ms, batch_size. ``model``: the served model's name (needed when the server
+        serves several). Raises ``grpc.RpcError`` (e.g. INVALID_ARGUMENT) on failure."""
+        request = pb.AssessRequest(images=image_messages(images), model=model)
+        response = self.stub.Assess(request, **self._call())
         return [assessment_dict(m, i) for i, m in enumerate(response.results)]
 
-    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[list[dict[str, Any]]]:
+    def stream(
+        self, batches: Iterable[np.ndarray], model: str = ""
+    ) -> Iterator[list[dict[str, Any]]]:
         """Assess many batches over one stream; yields each batch's answers in order.
 
         A batch that fails raises ``StreamError`` when its turn comes.
         """
         requests = (
-            pb.AssessRequest(images=image_messages(batch), request_id=str(i))
+            pb.AssessRequest(images=image_messages(batch), request_id=str(i), model=model)
             for i, batch in enumerate(batches)
         )
         for response in self.stub.AssessStream(requests, **self._call()):
@@ -149,23 +156,35 @@ class ReliabilityClient:
                 )
             yield [assessment_dict(m, i) for i, m in enumerate(response.results)]
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, images: np.ndarray, model: str = "") -> np.ndarray:
         """The classifier's softmax (B, N) alone, without the reliability verdict."""
         response = self.stub.Predict(
-            pb.PredictRequest(images=image_messages(images)), **self._call()
+            pb.PredictRequest(images=image_messages(images), model=model), **self._call()
         )
         return np.array([list(p.probabilities) for p in response.predictions], dtype=np.float32)
 
-    def info(self) -> dict[str, Any]:
-        m = self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._call())
-        return {
-            "classes": list(m.classes),
-            "input_shape": list(m.input_shape),
-            "classifier_version": m.classifier_version,
-            "classifier_sha256": m.classifier_sha256,
-            "detector_version": m.detector_version,
-            "detector_sha256": m.detector_sha256,
-            "verdicts": list(m.verdicts),
-            "max_images_per_request": m.max_images_per_request,
-            "device": m.device,
-        }
+    def info(self, model: str = "") -> dict[str, Any]:
+        """What the server serves under ``model`` (the only model when empty)."""
+        return model_info_dict(
+            self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), **self._call())
+        )
+
+    def list_models(self) -> list[dict[str, Any]]:
+        response = self.stub.ListModels(pb.ListModelsRequest(), **self._call())
+        return [model_info_dict(m) for m in response.models]
+
+
+def model_info_dict(m: pb.ModelInfo) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "resizes_encoded": m.resizes_encoded,
+        "classes": list(m.classes),
+        "input_shape": list(m.input_shape),
+        "classifier_version": m.classifier_version,
+        "classifier_sha256": m.classifier_sha256,
+        "detector_version": m.detector_version,
+        "detector_sha256": m.detector_sha256,
+        "verdicts": list(m.verdicts),
+        "max_images_per_request": m.max_images_per_request,
+        "device": m.device,
+    }

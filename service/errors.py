@@ -30,6 +30,10 @@ class NotReady(ServiceError):
     """The model is still loading or warming up, or the server is shutting down."""
 
 
+class UnknownModel(ServiceError):
+    """The request names a model this server does not serve."""
+
+
 class Overloaded(ServiceError):
     """The queue is full: retry later, with backoff."""
 
@@ -45,6 +49,7 @@ class Cancelled(ServiceError):
 # Order matters only for subclasses; InvalidInput is the one shared with the CLI.
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownModel, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),

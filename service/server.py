@@ -8,6 +8,7 @@ as exceptions and mapped to statuses in one place (``service.errors.StatusInterc
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import queue
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,6 +26,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from detectors.spec import ModelSpec
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
 from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
 from service.assessor import VERDICTS, Assessment, Assessor
@@ -33,17 +36,23 @@ from service.errors import (
     NotReady,
     ServiceError,
     StatusInterceptor,
+    UnknownModel,
     log_if_unexpected,
     status_for,
 )
-from service.inputs import HEIGHT, WIDTH, InvalidInput, to_model_input
+from service.inputs import InvalidInput, to_model_input
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger("gradprobe.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reliability"].full_name
-PIXELS = HEIGHT * WIDTH
+try:
+    from PIL.Image import DecompressionBombError as _DecompressionBomb
+except ImportError:  # pragma: no cover - every supported Pillow has it
+    _DecompressionBomb = ValueError  # type: ignore[misc,assignment]
+# A resizing model still refuses encoded images past this many times its own area, unread.
+_MAX_RESIZE_FACTOR = 16
 _RAW_DTYPES = {pb.RawPixels.UINT8: np.dtype(np.uint8), pb.RawPixels.FLOAT32: np.dtype("<f4")}
 _ENCODED_FORMATS = ("PNG", "JPEG")
 _VERDICT_ENUM = {name: pb.Verdict.Value(name.upper()) for name in VERDICTS}
@@ -54,8 +63,8 @@ STREAM_POLL_S = 0.1  # how often an idle stream checks that its client is still 
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_images(images: Sequence[pb.Image], max_images: int) -> np.ndarray:
-    """A request's images as a validated float32 batch (n, 1, 28, 28) in [0, 1]."""
+def decode_images(images: Sequence[pb.Image], max_images: int, spec: ModelSpec) -> np.ndarray:
+    """A request's images as a validated float32 batch (n, C, H, W) in [0, 1]."""
     count = len(images)
     if not count:
         raise InvalidInput("the request holds no images: send at least one")
@@ -65,10 +74,10 @@ def decode_images(images: Sequence[pb.Image], max_images: int) -> np.ndarray:
             "split them over several requests (or use AssessStream)"
         )
     # Each image goes straight into its slot of the batch (no per-image arrays to stack).
-    batch = np.empty((count, 1, HEIGHT, WIDTH), dtype=np.float32)
+    batch = np.empty((count, *spec.input_shape), dtype=np.float32)
     floats = False
     for index, image in enumerate(images):
-        plane = _decode_one(index, image)
+        plane = _decode_one(index, image, spec)
         if plane.dtype == np.uint8:
             # As ``to_model_input`` converts uint8 pixels: float32, divided by 255.
             np.divide(plane, np.float32(255.0), out=batch[index], dtype=np.float32)
@@ -80,38 +89,52 @@ def decode_images(images: Sequence[pb.Image], max_images: int) -> np.ndarray:
         # and the full check then says which image is wrong and how.
         low, high = batch.min(), batch.max()
         if not (low >= 0.0 and high <= 1.0):
-            to_model_input(batch)
+            to_model_input(batch, spec)
     return batch
 
 
-def _decode_one(index: int, image: pb.Image) -> np.ndarray:
-    """One image as (1, 28, 28) uint8 or float32, unconverted."""
+def _decode_one(index: int, image: pb.Image, spec: ModelSpec) -> np.ndarray:
+    """One image as (C, H, W) uint8 or float32, unconverted."""
     which = image.WhichOneof("content")
     if which == "raw":
-        return _decode_raw(index, image.raw)
+        return _decode_raw(index, image.raw, spec)
     if which == "encoded":
-        return _decode_encoded(index, image.encoded)
+        return _decode_encoded(index, image.encoded, spec)
     raise InvalidInput(
         f"image {index} is empty: set `raw` (pixels, shape and dtype) or `encoded` "
         "(PNG or JPEG bytes)"
     )
 
 
-def _decode_raw(index: int, raw: pb.RawPixels) -> np.ndarray:
+def _raw_shapes(spec: ModelSpec, dtype: np.dtype) -> list[list[int]]:
+    """Accepted ``RawPixels.shape`` values: [C, H, W], [H, W] for one channel, and channels
+    last [H, W, C] for 8-bit colour (as cameras and PIL give them)."""
+    c, h, w = spec.input_shape
+    shapes = [[c, h, w]]
+    if c == 1:
+        shapes.append([h, w])
+    elif dtype == np.uint8:
+        shapes.append([h, w, c])
+    return shapes
+
+
+def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
     if raw.dtype not in _RAW_DTYPES:
         raise InvalidInput(
             f"image {index}: dtype is {pb.RawPixels.DType.Name(raw.dtype)}; set it to UINT8 "
             "(pixels 0..255) or FLOAT32 (little-endian, in [0, 1])"
         )
-    shape = list(raw.shape)
-    if shape not in ([HEIGHT, WIDTH], [1, HEIGHT, WIDTH]):
-        raise InvalidInput(
-            f"image {index}: shape is {shape}; expected [{HEIGHT}, {WIDTH}] or "
-            f"[1, {HEIGHT}, {WIDTH}] (one grayscale image per Image; send several Images "
-            "for a batch)"
-        )
     dtype = _RAW_DTYPES[raw.dtype]
-    expected = PIXELS * dtype.itemsize
+    shape = list(raw.shape)
+    accepted = _raw_shapes(spec, dtype)
+    if shape not in accepted:
+        kind = "grayscale" if spec.channels == 1 else "RGB"
+        raise InvalidInput(
+            f"image {index}: shape is {shape}; this model takes "
+            f"{' or '.join(map(str, accepted))} for {pb.RawPixels.DType.Name(raw.dtype)} "
+            f"pixels (one {kind} image per Image; send several Images for a batch)"
+        )
+    expected = spec.pixels * dtype.itemsize
     if len(raw.data) != expected:
         hint = ""
         if dtype.itemsize == 4 and len(raw.data) == 2 * expected:
@@ -122,10 +145,13 @@ def _decode_raw(index: int, raw: pb.RawPixels) -> np.ndarray:
             f"image {index}: {shape} {pb.RawPixels.DType.Name(raw.dtype)} pixels take "
             f"{expected} bytes; got {len(raw.data)}{hint}"
         )
-    return np.frombuffer(raw.data, dtype=dtype).reshape(1, HEIGHT, WIDTH)
+    pixels = np.frombuffer(raw.data, dtype=dtype)
+    if len(shape) == 3 and shape[-1] == spec.channels and shape[0] != spec.channels:
+        return pixels.reshape(shape).transpose(2, 0, 1)
+    return pixels.reshape(spec.input_shape)
 
 
-def _decode_encoded(index: int, data: bytes) -> np.ndarray:
+def _decode_encoded(index: int, data: bytes, spec: ModelSpec) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -134,21 +160,28 @@ def _decode_encoded(index: int, data: bytes) -> np.ndarray:
                 raise InvalidInput(
                     f"image {index}: encoded images must be PNG or JPEG; got {decoded.format}"
                 )
-            # Checked before decoding the pixels: a huge image is refused unread.
-            if decoded.size != (WIDTH, HEIGHT):
-                width, height = decoded.size
+            # Checked from the header, before any pixel is decoded: a huge image is refused
+            # unread, and a resizing model decodes at most a bounded number of pixels.
+            width, height = decoded.size
+            if (width, height) != (spec.width, spec.height) and (
+                not spec.resize or width * height > _MAX_RESIZE_FACTOR * spec.height * spec.width
+            ):
+                allowed = " at most 16x the area" if spec.resize else ""
                 raise InvalidInput(
-                    f"image {index}: the {decoded.format} is {width}×{height} pixels; expected "
-                    f"{WIDTH}×{HEIGHT} (resize it before sending)"
+                    f"image {index}: the {decoded.format} is {width}×{height} pixels; this model "
+                    f"takes {spec.width}×{spec.height}{allowed} (resize it before sending)"
                 )
-            pixels = np.asarray(decoded.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            image = decoded.convert("L" if spec.channels == 1 else "RGB")
+            if image.size != (spec.width, spec.height):
+                image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, _DecompressionBomb) as exc:
         if isinstance(exc, InvalidInput):
             raise
         raise InvalidInput(
             f"image {index}: the encoded bytes are not a readable PNG or JPEG ({exc})"
         ) from None
-    return pixels.reshape(1, HEIGHT, WIDTH)
+    return pixels.reshape(spec.height, spec.width, spec.channels).transpose(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -243,89 +276,141 @@ def _time_remaining(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > NO_DEADLINE_S else remaining
 
 
+@dataclass
+class ServedModel:
+    """One model of the server: its assessor and its own micro-batcher (batches never mix
+    models)."""
+
+    name: str
+    assessor: Assessor
+    batcher: MicroBatcher
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.assessor.spec
+
+
 class ReliabilityServicer(pb_grpc.ReliabilityServicer):
-    """The four RPCs. Until ``attach`` has run (model loaded and warmed up) they answer
-    UNAVAILABLE."""
+    """The RPCs, over one or more served models. Until ``attach`` has run (models loaded and
+    warmed up) they answer UNAVAILABLE."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.assessor: Assessor | None = None
-        self.batcher: MicroBatcher | None = None
-        self._classes: list[str] = []
+        self.models: dict[str, ServedModel] = {}
         self._threads: _ComputeThreads | None = None
+        # One pass at a time across models: they share the cores and the thread pools.
+        self._compute_lock = threading.Lock()
 
     # -- life cycle
 
-    def attach(self, assessor: Assessor) -> None:
-        """Warm the model up, then start the batcher: the server is ready after this."""
+    def attach(self, assessors: Assessor | Sequence[Assessor]) -> None:
+        """Warm every model up, then start its batcher: the server is ready after this."""
+        if isinstance(assessors, Assessor):
+            assessors = [assessors]
+        names = [a.name for a in assessors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two served models share a name: {names}; give each its own")
         if self._threads is None:
             self._threads = _ComputeThreads(self.settings.resolved_compute_threads())
         rng = np.random.default_rng(0)
-        for size in sorted({1, min(8, self.settings.max_batch_size)}):
-            warm = rng.random((size, 1, HEIGHT, WIDTH), dtype=np.float32)
-            assessor.assess(warm)
-            assessor.predict(warm)
+        for assessor in assessors:
+            for size in sorted({1, min(8, self.settings.max_batch_size)}):
+                warm = rng.random((size, *assessor.spec.input_shape), dtype=np.float32)
+                assessor.assess(warm)
+                assessor.predict(warm)
+        first = assessors[0]
         self.metrics.set_model(
-            classifier_version=assessor.classifier.model_dir.name,
-            classifier_sha256=assessor.classifier.manifest.sha256,
-            detector_version=assessor.detector.version,
-            detector_sha256=assessor.detector.sha256,
-            device=assessor.device,
+            classifier_version=first.classifier.model_dir.name,
+            classifier_sha256=first.classifier.manifest.sha256,
+            detector_version=first.detector.version,
+            detector_sha256=first.detector.sha256,
+            device=first.device,
         )
-        batcher = MicroBatcher(
-            {"assess": self._assess_batch, "predict": self._predict_batch},
-            max_batch_size=self.settings.max_batch_size,
-            max_wait_ms=self.settings.max_wait_ms,
-            max_queue=self.settings.max_queue,
-            batching=self.settings.batching,
-            observer=self.metrics,
-        )
-        self._classes = assessor.classes
-        self.assessor = assessor
-        batcher.start()
-        self.batcher = batcher
+        models = {}
+        for assessor in assessors:
+            batcher = MicroBatcher(
+                {
+                    "assess": functools.partial(self._assess_batch, assessor),
+                    "predict": functools.partial(self._predict_batch, assessor),
+                },
+                max_batch_size=self.settings.max_batch_size,
+                max_wait_ms=self.settings.max_wait_ms,
+                max_queue=self.settings.max_queue,
+                batching=self.settings.batching,
+                observer=self.metrics,
+            )
+            batcher.start()
+            models[assessor.name] = ServedModel(assessor.name, assessor, batcher)
+        self.models = models
 
     def close(self, timeout: float | None = None) -> None:
-        if self.batcher is not None:
-            self.batcher.stop(timeout)
+        for model in self.models.values():
+            model.batcher.stop(timeout)
         if self._threads is not None:
             self._threads.restore()
             self._threads = None
 
-    def _assess_batch(self, images: np.ndarray) -> BatchOutput:
-        assert self.assessor is not None and self._threads is not None
-        self._threads.use(len(images))
-        batch = self.assessor.assess(images)
+    @property
+    def assessor(self) -> Assessor | None:
+        """The first served model's assessor (the only one, in the common case)."""
+        return next(iter(self.models.values())).assessor if self.models else None
+
+    @property
+    def batcher(self) -> MicroBatcher | None:
+        return next(iter(self.models.values())).batcher if self.models else None
+
+    def _assess_batch(self, assessor: Assessor, images: np.ndarray) -> BatchOutput:
+        assert self._threads is not None
+        with self._compute_lock:
+            self._threads.use(len(images))
+            batch = assessor.assess(images)
         return BatchOutput(batch.assessments, batch.timings_ms)
 
-    def _predict_batch(self, images: np.ndarray) -> BatchOutput:
-        assert self.assessor is not None and self._threads is not None
-        self._threads.use(len(images))
-        start = time.perf_counter()
-        probabilities = self.assessor.predict(images)
+    def _predict_batch(self, assessor: Assessor, images: np.ndarray) -> BatchOutput:
+        assert self._threads is not None
+        with self._compute_lock:
+            self._threads.use(len(images))
+            start = time.perf_counter()
+            probabilities = assessor.predict(images)
         return BatchOutput(list(probabilities), {"forward": (time.perf_counter() - start) * 1000})
 
     # -- shared steps
 
-    def _ready(self) -> tuple[Assessor, MicroBatcher]:
-        if self.assessor is None or self.batcher is None:
+    def _model(self, name: str) -> ServedModel:
+        if not self.models:
             raise NotReady("the model is still loading or warming up; retry shortly")
-        return self.assessor, self.batcher
+        if not name:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise InvalidInput(
+                f"this server serves {len(self.models)} models: name one in the request's "
+                f"`model` field ({', '.join(sorted(self.models))})"
+            )
+        if name not in self.models:
+            raise UnknownModel(
+                f"no model named {name!r} is served here; the models are: "
+                f"{', '.join(sorted(self.models))} (see ListModels)"
+            )
+        return self.models[name]
 
     def _submit(
-        self, kind: str, images: Sequence[pb.Image], context: grpc.ServicerContext
-    ) -> tuple[futures.Future, float]:
-        """Decode and validate, then queue; returns the future and the decode time (ms)."""
-        _, batcher = self._ready()
+        self,
+        kind: str,
+        images: Sequence[pb.Image],
+        model_name: str,
+        context: grpc.ServicerContext,
+    ) -> tuple[ServedModel, futures.Future, float]:
+        """Decode and validate, then queue; returns the model, the future and the decode
+        time (ms)."""
+        model = self._model(model_name)
         start = time.monotonic()
-        batch = decode_images(images, self.settings.max_images_per_request)
+        batch = decode_images(images, self.settings.max_images_per_request, model.spec)
         decode_ms = (time.monotonic() - start) * 1000
         remaining = _time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
-        return batcher.submit(
-            kind, batch, deadline=deadline, is_active=context.is_active
-        ), decode_ms
+        future = model.batcher.submit(kind, batch, deadline=deadline, is_active=context.is_active)
+        return model, future, decode_ms
 
     @staticmethod
     def _wait(future: futures.Future, context: grpc.ServicerContext) -> JobResult:
@@ -335,9 +420,9 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             raise DeadlineExceeded("the deadline passed before the request was computed") from None
 
     def _assess_response(
-        self, job: JobResult, decode_ms: float, arrived: float, request_id: str
+        self, model: ServedModel, job: JobResult, decode_ms: float, arrived: float, request_id: str
     ) -> pb.AssessResponse:
-        classes = self._classes
+        classes = model.assessor.classes
         timings = _timings(job, decode_ms, arrived)
         message = _timings_message(timings, job.batch_size)
         self.metrics.observe_stages("assess", timings)
@@ -351,14 +436,15 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
 
     def Assess(self, request: pb.AssessRequest, context: grpc.ServicerContext) -> pb.AssessResponse:
         arrived = time.monotonic()
-        future, decode_ms = self._submit("assess", request.images, context)
+        model, future, decode_ms = self._submit("assess", request.images, request.model, context)
         job = self._wait(future, context)
-        return self._assess_response(job, decode_ms, arrived, request.request_id)
+        return self._assess_response(model, job, decode_ms, arrived, request.request_id)
 
     def AssessStream(
         self, request_iterator: Iterator[pb.AssessRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.AssessResponse]:
-        self._ready()
+        if not self.models:
+            raise NotReady("the model is still loading or warming up; retry shortly")
         # A reader thread queues requests as they arrive, so a stream's requests batch
         # together; answers are yielded in request order.
         pending: queue.Queue[Any] = queue.Queue(maxsize=STREAM_WINDOW)
@@ -378,7 +464,9 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
                 for request in request_iterator:
                     arrived = time.monotonic()
                     try:
-                        submitted: Any = self._submit("assess", request.images, context)
+                        submitted: Any = self._submit(
+                            "assess", request.images, request.model, context
+                        )
                     except Exception as exc:
                         submitted = exc
                     put((request.request_id, arrived, submitted))
@@ -405,9 +493,9 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             try:
                 if isinstance(submitted, Exception):
                     raise submitted
-                future, decode_ms = submitted
+                model, future, decode_ms = submitted
                 job = self._wait(future, context)
-                yield self._assess_response(job, decode_ms, arrived, request_id)
+                yield self._assess_response(model, job, decode_ms, arrived, request_id)
             except Exception as exc:
                 log_if_unexpected(exc, "AssessStream")
                 code, message = status_for(exc)
@@ -420,9 +508,9 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         self, request: pb.PredictRequest, context: grpc.ServicerContext
     ) -> pb.PredictResponse:
         arrived = time.monotonic()
-        future, decode_ms = self._submit("predict", request.images, context)
+        model, future, decode_ms = self._submit("predict", request.images, request.model, context)
         job = self._wait(future, context)
-        classes = self._classes
+        classes = model.assessor.classes
         timings = _timings(job, decode_ms, arrived)
         self.metrics.observe_stages("predict", timings)
         predictions = []
@@ -443,10 +531,21 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
     def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.ModelInfo:
-        assessor, _ = self._ready()
+        return self._info(self._model(request.model))
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        if not self.models:
+            raise NotReady("the models are still loading or warming up; retry shortly")
+        return pb.ListModelsResponse(models=[self._info(m) for m in self.models.values()])
+
+    def _info(self, model: ServedModel) -> pb.ModelInfo:
+        assessor = model.assessor
         return pb.ModelInfo(
+            name=model.name,
             classes=assessor.classes,
-            input_shape=[1, HEIGHT, WIDTH],
+            input_shape=list(model.spec.input_shape),
             classifier_version=assessor.classifier.model_dir.name,
             classifier_sha256=assessor.classifier.manifest.sha256,
             detector_version=assessor.detector.version,
@@ -454,6 +553,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             verdicts=list(VERDICTS),
             max_images_per_request=self.settings.max_images_per_request,
             device=assessor.device,
+            resizes_encoded=model.spec.resize,
         )
 
 
@@ -512,9 +612,13 @@ class ReliabilityServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
 
-    def load(self, assessor: Assessor | Callable[[], Assessor]) -> None:
-        """Attach the model (loading it first when given a loader), warm up, then SERVING."""
-        if not isinstance(assessor, Assessor):
+    def load(
+        self,
+        assessor: Assessor | Sequence[Assessor] | Callable[[], Assessor | Sequence[Assessor]],
+    ) -> None:
+        """Attach the models (loading them first when given a loader), warm up, then
+        SERVING."""
+        if callable(assessor) and not isinstance(assessor, Assessor):
             assessor = assessor()
         self.servicer.attach(assessor)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -532,22 +636,18 @@ class ReliabilityServer:
             self.health.set(name, status)
 
 
-def load_default_assessor(settings: Settings) -> Assessor:
-    """The classifier (default, or ``settings.model_dir``) with its default detector H, on the
-    settings' device; H is trained first if absent."""
-    from service import artifacts
-    from service.classifier import load_classifier
+def load_assessors(settings: Settings) -> list[Assessor]:
+    """The settings' model dirs (or the built-in example) on the settings' device, each with
+    its detector H; nothing is trained here."""
+    from service.registry import load_assessors as load
 
-    device = settings.resolved_device()
-    if settings.model_dir is not None:
-        classifier = load_classifier(settings.model_dir, device=device)
-    else:
-        classifier = artifacts.load_default_classifier(device, quiet=settings.quiet)
-    detector = artifacts.load_default_detector(classifier, quiet=settings.quiet)
-    return Assessor(classifier, detector, device)
+    return load(settings.model_dirs, settings.resolved_device(), quiet=settings.quiet)
 
 
-def serve(settings: Settings, assessor: Assessor | Callable[[], Assessor]) -> int:
+def serve(
+    settings: Settings,
+    assessor: Assessor | Sequence[Assessor] | Callable[[], Assessor | Sequence[Assessor]],
+) -> int:
     """Run a server until SIGTERM or SIGINT, then drain and return 0.
 
     Prints ``gradprobe serve: ready on HOST:PORT`` to stderr once health is SERVING.
@@ -584,6 +684,6 @@ __all__ = [
     "ReliabilityServicer",
     "ServiceError",
     "decode_images",
-    "load_default_assessor",
+    "load_assessors",
     "serve",
 ]

@@ -70,7 +70,9 @@ class Settings:
     compute_threads: int = 0
     batching: bool = True  # off: one request per compute, for comparison
     grace_s: float = 10.0  # on SIGTERM, how long in-flight requests get to finish
-    model_dir: Path | None = None  # default: the built-in Fashion-MNIST classifier
+    # Model dirs to serve (a folder of model dirs counts as all of them); none: the built-in
+    # Fashion-MNIST example. GRADPROBE_MODEL_DIRS takes them comma-separated.
+    model_dirs: tuple[Path, ...] = ()
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -107,7 +109,7 @@ class Settings:
         for f in fields(cls):
             flag = getattr(args, f.name, None) if args is not None else None
             if flag is not None:
-                values[f.name] = flag
+                values[f.name] = tuple(flag) if isinstance(flag, list) else flag
             elif (raw := env.get(ENV_PREFIX + f.name.upper())) is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
         return cls(**values)
@@ -138,6 +140,8 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return int(raw)
         if type_name == "float":
             return float(raw)
+        if type_name.startswith("tuple[Path"):
+            return tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
         if type_name.startswith("Path"):
             return Path(raw) if raw else None
         return raw
@@ -199,5 +203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help=f"on SIGTERM, time for in-flight requests (default {defaults.grace_s})",
     )
-    add("--model-dir", type=Path, help="classifier folder (default: the built-in model)")
+    add(
+        "--model-dir",
+        dest="model_dirs",
+        type=Path,
+        action="append",
+        help="a model dir made by `gradprobe fit` (repeat for several models, or give a folder "
+        "of model dirs); default: the built-in Fashion-MNIST example",
+    )
     add("-q", "--quiet", action="store_true", default=None, help="no notes on stderr")

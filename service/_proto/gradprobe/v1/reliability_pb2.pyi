@@ -47,12 +47,14 @@ class RawPixels(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[RawPixels.DType, str]] = ...) -> None: ...
 
 class AssessRequest(_message.Message):
-    __slots__ = ("images", "request_id")
+    __slots__ = ("images", "request_id", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Scores(_message.Message):
     __slots__ = ("in_distribution", "ood", "corrupted", "adversarial")
@@ -119,10 +121,12 @@ class AssessResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ImageAssessment, _Mapping]]] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("predicted_class", "predicted_name", "probabilities")
@@ -143,11 +147,23 @@ class PredictResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("classes", "input_shape", "classifier_version", "classifier_sha256", "detector_version", "detector_sha256", "verdicts", "max_images_per_request", "device")
+    __slots__ = ("classes", "input_shape", "classifier_version", "classifier_sha256", "detector_version", "detector_sha256", "verdicts", "max_images_per_request", "device", "name", "resizes_encoded")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +173,8 @@ class ModelInfo(_message.Message):
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RESIZES_ENCODED_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedScalarFieldContainer[str]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     classifier_version: str
@@ -166,4 +184,6 @@ class ModelInfo(_message.Message):
     verdicts: _containers.RepeatedScalarFieldContainer[str]
     max_images_per_request: int
     device: str
-    def __init__(self, classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., classifier_version: _Optional[str] = ..., classifier_sha256: _Optional[str] = ..., detector_version: _Optional[str] = ..., detector_sha256: _Optional[str] = ..., verdicts: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    name: str
+    resizes_encoded: bool
+    def __init__(self, classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., classifier_version: _Optional[str] = ..., classifier_sha256: _Optional[str] = ..., detector_version: _Optional[str] = ..., detector_sha256: _Optional[str] = ..., verdicts: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., device: _Optional[str] = ..., name: _Optional[str] = ..., resizes_encoded: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ReliabilityStub:
                 request_serializer=gradprobe_dot_v1_dot_reliability__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=gradprobe_dot_v1_dot_reliability__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/gradprobe.v1.Reliability/ListModels',
+                request_serializer=gradprobe_dot_v1_dot_reliability__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=gradprobe_dot_v1_dot_reliability__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ReliabilityServicer:
@@ -89,6 +94,13 @@ class ReliabilityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model this server serves, with its ModelInfo.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReliabilityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_ReliabilityServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=gradprobe_dot_v1_dot_reliability__pb2.GetModelInfoRequest.FromString,
                     response_serializer=gradprobe_dot_v1_dot_reliability__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=gradprobe_dot_v1_dot_reliability__pb2.ListModelsRequest.FromString,
+                    response_serializer=gradprobe_dot_v1_dot_reliability__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class Reliability:
             '/gradprobe.v1.Reliability/GetModelInfo',
             gradprobe_dot_v1_dot_reliability__pb2.GetModelInfoRequest.SerializeToString,
             gradprobe_dot_v1_dot_reliability__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradprobe.v1.Reliability/ListModels',
+            gradprobe_dot_v1_dot_reliability__pb2.ListModelsRequest.SerializeToString,
+            gradprobe_dot_v1_dot_reliability__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
