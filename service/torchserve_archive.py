@@ -1,7 +1,9 @@
-"""Pack a GradProbe classifier into a TorchServe model archive (.mar) with the GradProbe handler.
+"""Pack a model dir's classifier into a TorchServe model archive (.mar) with the GradProbe
+handler.
 
-The archive is self-contained: the exported classifier and its manifest, the handler
-(``deploy/torchserve/``) and the generated ``gradprobe.v1`` stubs, so it runs in any
+The archive is self-contained: the classifier file (torch.export or TorchScript) and its
+manifest, from which the handler reads the input shape, channels, classes and normalization;
+the handler (``deploy/torchserve/``) and the generated ``gradprobe.v1`` stubs. It runs in any
 TorchServe 0.12 with grpcio, protobuf, numpy and pillow, without this project installed.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from service.classifier import ArtifactError, Manifest, sha256_file
+from detectors.model_dir import verified_file
+from detectors.spec import MANIFEST_FILE, Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER_DIR = REPO / "deploy" / "torchserve"
@@ -36,6 +39,8 @@ class ArchiveOptions:
     timeout_ms: float = 250.0
     on_unreliable: str = "flag"
     on_unavailable: str = "mark"
+    # GradProbe's name for the classifier (its ListModels); empty: the only model it serves.
+    model: str = ""
     batch_size: int = 8
     max_batch_delay_ms: int = 5
     workers: int = 1
@@ -54,6 +59,7 @@ class ArchiveOptions:
                 "timeout_ms": self.timeout_ms,
                 "on_unreliable": self.on_unreliable,
                 "on_unavailable": self.on_unavailable,
+                "model": self.model,
             },
         }
 
@@ -75,20 +81,17 @@ def build_archive(
     model_dir: Path,
     export_path: Path,
     *,
-    name: str = "fashion",
+    name: str | None = None,
     version: str = "1.0",
     options: ArchiveOptions | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``<export_path>/<name>.mar`` and return its path."""
+    """Write ``<export_path>/<name>.mar`` (default name: the model dir's) and return its path."""
     options = options or ArchiveOptions()
-    manifest = Manifest.read(model_dir)
-    model_file = model_dir / manifest.file
-    if sha256_file(model_file) != manifest.sha256:
-        raise ArtifactError(
-            f"{model_file} does not match its manifest's sha256; rebuild it with "
-            "`gradprobe train-model --force`"
-        )
+    model_dir = Path(model_dir).resolve()
+    name = name or model_dir.name
+    manifest = Manifest.read(model_dir)  # any format and input spec the handler serves
+    model_file = verified_file(model_dir, manifest)
     target = export_path / f"{name}.mar"
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists; pass --force to replace it")
@@ -99,7 +102,7 @@ def build_archive(
         stage_handler(extra)
         handler = extra / HANDLER_FILE
         shutil.move(handler, stage / HANDLER_FILE)
-        shutil.copy2(model_dir / "manifest.json", extra / "manifest.json")
+        shutil.copy2(model_dir / MANIFEST_FILE, extra / MANIFEST_FILE)
         config = stage / "model-config.yaml"
         config.write_text(yaml.safe_dump(options.model_config(), sort_keys=False))
         command = [

@@ -1,9 +1,10 @@
 """What the TorchServe handler needs to talk to the GradProbe sidecar, kept apart from the
 handler class so that it can be tested without a TorchServe worker.
 
-Packed into the model archive next to ``gradprobe_handler.py`` and the generated
-``gradprobe_v1`` stubs; it imports nothing from the GradProbe project, so the archive runs in
-any TorchServe that has ``grpcio``, ``protobuf``, ``numpy`` and ``pillow``.
+Packed into the model archive next to ``gradprobe_handler.py``, the classifier's
+``manifest.json`` and the generated ``gradprobe_v1`` stubs; it imports nothing from the
+GradProbe project (it reads the manifest's JSON itself), so the archive runs in any TorchServe
+that has ``grpcio``, ``protobuf``, ``numpy`` and ``pillow``.
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ VERDICT_NAMES = {
     pb.CORRUPTED: "corrupted",
     pb.ADVERSARIAL: "adversarial",
 }
-EXPECTED_INPUT = (
-    'a 28x28 grayscale PNG or JPEG, or JSON {"pixels": 28x28 numbers} '
-    "(uint8 0..255, or floats in [0, 1])"
-)
 # HTTP statuses the handler answers with; TorchServe maps them onto gRPC codes too.
 BAD_INPUT, REFUSED_UNRELIABLE, RELIABILITY_UNAVAILABLE = 400, 422, 503
 
@@ -67,6 +64,8 @@ class HandlerConfig:
     on_unavailable: str = "mark"
     # monitor only: batches waiting for GradProbe; beyond it, verdicts are skipped, not queued.
     monitor_queue: int = 64
+    # GradProbe's name for this classifier (its ListModels); empty: the only model it serves.
+    model: str = ""
 
     @classmethod
     def from_sources(
@@ -112,8 +111,109 @@ class BadInput(ValueError):
     """A request the classifier cannot take; answered with 400 and this message."""
 
 
-def decode_request(row: Mapping[str, Any] | bytes | bytearray) -> np.ndarray:
-    """One TorchServe request → float32 (1, 28, 28) in [0, 1].
+class ManifestError(ValueError):
+    """The archive's manifest.json describes an input this handler cannot serve."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One image as the classifier takes it, read from the archive's ``manifest.json`` (the
+    fields GradProbe's ModelSpec reads; this module cannot import it).
+
+    Pixels are float32 (C, H, W) in [0, 1]; when ``mean``/``std`` are set, the classifier
+    wants (x - mean) / std per channel, which ``normalize`` applies (GradProbe gets the [0, 1]
+    pixels and normalizes them itself). ``resize``: images of another size are resized to
+    W x H instead of refused.
+    """
+
+    channels: int
+    height: int
+    width: int
+    resize: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> InputSpec:
+        shape = [int(v) for v in manifest["input_shape"]]
+        if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
+            raise ManifestError(
+                f"input_shape must be [C, H, W] with 1 or 3 channels; got {manifest['input_shape']}"
+            )
+        normalization = manifest.get("normalization") or {}
+        mean, std = normalization.get("mean"), normalization.get("std")
+        if (mean is None) != (std is None):
+            raise ManifestError("normalization needs both mean and std")
+        for values in (mean, std):
+            if values is not None and len(values) not in (1, shape[0]):
+                raise ManifestError(
+                    f"normalization {values} must have 1 or {shape[0]} values (one per channel)"
+                )
+        return cls(
+            channels=shape[0],
+            height=shape[1],
+            width=shape[2],
+            resize=bool(manifest.get("resize", False)),
+            mean=None if mean is None else tuple(float(v) for v in mean),
+            std=None if std is None else tuple(float(v) for v in std),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def image_size(self) -> str:
+        """W x H, as image sizes are said (and which is which, unless it is square)."""
+        size = f"{self.width}x{self.height}"
+        return size if self.width == self.height else f"{size} (width x height)"
+
+    @property
+    def kind(self) -> str:
+        return "grayscale" if self.channels == 1 else "RGB"
+
+    @property
+    def pil_mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    @property
+    def expected_input(self) -> str:
+        """What a request must hold, for every 400's message (ASCII: it may become the HTTP
+        reason phrase)."""
+        c, h, w = self.shape
+        if self.resize:
+            image = f"a {self.kind} PNG or JPEG (resized to {w}x{h})"
+        else:
+            image = f"a {self.image_size} {self.kind} PNG or JPEG"
+        if c == 1:
+            grid = f"{h}x{w}" if h == w else f"{h}x{w} (height x width)"
+        else:
+            grid = f"{h}x{w}x{c} (height x width x channels) or {c}x{h}x{w}"
+        return f'{image}, or JSON {{"pixels": {grid} numbers}} (uint8 0..255, or floats in [0, 1])'
+
+    def to_chw(self, array: np.ndarray) -> np.ndarray | None:
+        """``array`` as (C, H, W) if it holds one image in an accepted layout: C x H x W,
+        H x W x C (as PIL and cameras give it), or H x W for one channel; else None."""
+        c, h, w = self.shape
+        if array.shape == (c, h, w):
+            return array
+        if array.shape == (h, w, c):
+            return array.transpose(2, 0, 1)
+        if c == 1 and array.shape == (h, w):
+            return array[None]
+        return None
+
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """A float32 (n, C, H, W) batch in [0, 1] as the classifier takes it."""
+        if self.mean is None or self.std is None:
+            return batch
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return ((batch - mean) / std).astype(np.float32, copy=False)
+
+
+def decode_request(row: Mapping[str, Any] | bytes | bytearray, spec: InputSpec) -> np.ndarray:
+    """One TorchServe request → float32 (C, H, W) in [0, 1], as ``spec`` says.
 
     REST bodies arrive under ``body`` (JSON already parsed by TorchServe), gRPC inputs under
     ``data`` as bytes.
@@ -124,7 +224,7 @@ def decode_request(row: Mapping[str, Any] | bytes | bytearray) -> np.ndarray:
     if payload is None:
         fields_seen = sorted(row) if isinstance(row, Mapping) else []
         seen = f" (only form fields {fields_seen})" if fields_seen else ""
-        raise BadInput(f"no image in the request{seen}: expected {EXPECTED_INPUT}")
+        raise BadInput(f"no image in the request{seen}: expected {spec.expected_input}")
     if isinstance(payload, str):
         payload = payload.encode()
     if isinstance(payload, bytes | bytearray):
@@ -134,57 +234,71 @@ def decode_request(row: Mapping[str, Any] | bytes | bytearray) -> np.ndarray:
                 payload = json.loads(payload)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BadInput(
-                    f"the body is not valid JSON ({_short(exc)}): expected {EXPECTED_INPUT}"
+                    f"the body is not valid JSON ({_short(exc)}): expected {spec.expected_input}"
                 ) from None
         else:
-            return _decode_image_file(payload)
+            return _decode_image_file(payload, spec)
     if isinstance(payload, Mapping):
         if "pixels" not in payload:
-            raise BadInput(f'JSON without a "pixels" field: expected {EXPECTED_INPUT}')
+            raise BadInput(f'JSON without a "pixels" field: expected {spec.expected_input}')
         payload = payload["pixels"]
-    return _pixels_to_float(payload)
+    return _pixels_to_float(payload, spec)
 
 
-def _decode_image_file(data: bytes) -> np.ndarray:
+def _decode_image_file(data: bytes, spec: InputSpec) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            gray = np.asarray(image.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
+            # The size comes from the header: a wrong one is refused before any pixel decodes.
+            width, height = image.size
+            if (width, height) != (spec.width, spec.height) and not spec.resize:
+                raise BadInput(
+                    f"the image is {width}x{height} pixels: expected {spec.image_size}, the "
+                    f"classifier's {spec.kind} input (resize it before sending)"
+                )
+            converted = image.convert(spec.pil_mode)
+            if converted.size != (spec.width, spec.height):
+                # Bilinear, as GradProbe resizes the encoded images it is sent.
+                converted = converted.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(converted, dtype=np.uint8)
+    except BadInput:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as exc:
         raise BadInput(
-            f"the body is not a readable image ({_short(exc)}): expected {EXPECTED_INPUT}"
+            f"the body is not a readable image ({_short(exc)}): expected {spec.expected_input}"
         ) from None
-    if gray.shape != (28, 28):
-        raise BadInput(
-            f"the image is {gray.shape[1]}x{gray.shape[0]} pixels: expected 28x28 "
-            "(resize it before sending; this classifier was trained on 28x28)"
-        )
-    return (gray.astype(np.float32) / 255.0)[None]
+    chw = pixels.reshape(spec.height, spec.width, spec.channels).transpose(2, 0, 1)
+    return chw.astype(np.float32) / np.float32(255.0)
 
 
-def _pixels_to_float(pixels: Any) -> np.ndarray:
+def _pixels_to_float(pixels: Any, spec: InputSpec) -> np.ndarray:
     try:
         array = np.asarray(pixels, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise BadInput(
-            f'"pixels" is not a grid of numbers ({_short(exc)}): expected {EXPECTED_INPUT}'
+            f'"pixels" is not a grid of numbers ({_short(exc)}): expected {spec.expected_input}'
         ) from None
-    if array.shape == (1, 28, 28):
-        array = array[0]
-    if array.shape != (28, 28):
-        raise BadInput(f'"pixels" has shape {list(array.shape)}: expected {EXPECTED_INPUT}')
-    if not np.isfinite(array).all():
+    chw = spec.to_chw(array)
+    if chw is None:
+        raise BadInput(f'"pixels" has shape {list(array.shape)}: expected {spec.expected_input}')
+    if not np.isfinite(chw).all():
         raise BadInput('"pixels" holds NaN or Inf: expected finite values')
-    integral = bool(np.all(array == np.round(array)))
-    if array.min() < 0 or array.max() > (255 if integral else 1):
+    integral = bool(np.all(chw == np.round(chw)))
+    if chw.min() < 0 or chw.max() > (255 if integral else 1):
         raise BadInput(
-            f'"pixels" range from {array.min():g} to {array.max():g}: expected '
+            f'"pixels" range from {chw.min():g} to {chw.max():g}: expected '
             "integers 0..255 or floats in [0, 1]"
         )
-    if integral and array.max() > 1:
-        array = array / 255.0
-    return array.astype(np.float32)[None]
+    if integral and chw.max() > 1:
+        chw = chw / 255.0
+    return np.ascontiguousarray(chw, dtype=np.float32)
 
 
 def _short(error: Exception, limit: int = 120) -> str:
@@ -200,13 +314,18 @@ class ReliabilityUnavailable(RuntimeError):
 class ReliabilityLink:
     """Calls GradProbe's ``Assess`` with a deadline, on one long-lived channel.
 
-    Before trusting any verdict it checks, once per connection, that GradProbe serves the same
-    classifier as this archive (by sha256): verdicts about another model would be noise.
+    Requests name ``config.model``, so that a GradProbe serving several models answers for
+    this one. Before trusting any verdict it checks, once per connection, that GradProbe serves
+    the same classifier as this archive under that name (by sha256): verdicts about another
+    model would be noise.
     """
 
     def __init__(self, config: HandlerConfig, classifier_sha256: str) -> None:
         self.config = config
         self.classifier_sha256 = classifier_sha256
+        self.where = f"GradProbe at {config.target}" + (
+            f" (model {config.model!r})" if config.model else ""
+        )
         self.channel = grpc.insecure_channel(
             config.target,
             options=[
@@ -234,27 +353,39 @@ class ReliabilityLink:
         left = self.config.timeout_ms / 1000 - (time.monotonic() - started)
         if left <= 0:
             raise ReliabilityUnavailable(
-                f"GradProbe at {self.config.target} did not answer within "
-                f"{self.config.timeout_ms:g} ms"
+                f"{self.where} did not answer within {self.config.timeout_ms:g} ms"
             )
         return left
 
+    def _check_model(self, started: float) -> None:
+        request = pb.GetModelInfoRequest(model=self.config.model)
+        try:
+            info = self.stub.GetModelInfo(request, timeout=self._deadline(started))
+        except grpc.RpcError as exc:
+            # Serving several models and none named, or not this name: say how to choose.
+            if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
+            raise ReliabilityUnavailable(
+                f"{self.where} answered {exc.code().name}: {exc.details()}; name GradProbe's "
+                "model with GRADPROBE_TS_MODEL (or `gradprobe archive --model`)"
+            ) from None
+        if info.classifier_sha256 != self.classifier_sha256:
+            raise ReliabilityUnavailable(
+                f"{self.where} serves classifier {info.classifier_sha256[:12]}…, but this "
+                f"archive holds {self.classifier_sha256[:12]}…: deploy the same classifier to "
+                "both"
+            )
+        self._verified = True
+
     def assess(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """Verdicts for float32 (n, 1, 28, 28) images, or ``ReliabilityUnavailable``."""
+        """Verdicts for float32 (n, C, H, W) images in [0, 1] (not normalized: GradProbe
+        applies the model's normalization itself), or ``ReliabilityUnavailable``."""
         started = time.monotonic()
         try:
             if not self._verified:
-                info = self.stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._deadline(started)
-                )
-                if info.classifier_sha256 != self.classifier_sha256:
-                    raise ReliabilityUnavailable(
-                        f"GradProbe at {self.config.target} serves classifier "
-                        f"{info.classifier_sha256[:12]}…, but this archive holds "
-                        f"{self.classifier_sha256[:12]}…: deploy the same classifier to both"
-                    )
-                self._verified = True
+                self._check_model(started)
             request = pb.AssessRequest(
+                model=self.config.model,
                 images=[
                     pb.Image(
                         raw=pb.RawPixels(
@@ -264,12 +395,12 @@ class ReliabilityLink:
                         )
                     )
                     for image in images
-                ]
+                ],
             )
             response = self.stub.Assess(request, timeout=self._deadline(started))
         except grpc.RpcError as exc:
             raise ReliabilityUnavailable(
-                f"GradProbe at {self.config.target} answered {exc.code().name}: {exc.details()}"
+                f"{self.where} answered {exc.code().name}: {exc.details()}"
             ) from None
         latency_ms = (time.monotonic() - started) * 1000
         return [

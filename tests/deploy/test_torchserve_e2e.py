@@ -71,6 +71,7 @@ def images(assessor) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, default_model_dir, default_detector):
     """GradProbe and TorchServe, started once for the module; both stopped at the end."""
+    from service.registry import DEFAULT_MODEL_NAME
     from service.torchserve_archive import ArchiveOptions, build_archive
 
     folder = tmp_path_factory.mktemp("torchserve")
@@ -79,7 +80,8 @@ def stack(tmp_path_factory, default_model_dir, default_detector):
     common = {"target": gradprobe.target, "timeout_ms": GATE_TIMEOUT_MS, "batch_size": 4}
     for name, options in (
         ("monitor", ArchiveOptions(mode="monitor", **common)),
-        ("gate", ArchiveOptions(mode="gate", **common)),
+        # Names GradProbe's model as `gradprobe serve` names the built-in one; the others don't.
+        ("gate", ArchiveOptions(mode="gate", model=DEFAULT_MODEL_NAME, **common)),
         (
             "strict",
             ArchiveOptions(mode="gate", on_unreliable="refuse", on_unavailable="refuse", **common),
