@@ -41,7 +41,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing Python packages (torch is large: a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -m pip install -q -e '.[fit,torchserve,dev]' 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import torch, torchvision, service.cli" \
     || { log "the Python install failed; see the pip output above"; exit 1; }
   echo "$want" > "$stamp"

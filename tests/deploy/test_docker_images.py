@@ -62,7 +62,8 @@ def test_dockerfile_copies_and_installs_the_project(variant):
     assert not ignored & copied, ignored & copied
     assert {".venv", ".git"} <= ignored
     runs = " && ".join(a for i, a in stage if i == "RUN")
-    assert re.search(r"pip install [^&]*\.(\s|$)", runs), runs
+    # The project itself, with the fit extra: the image builds the default H.
+    assert re.search(r"pip install [^&]*\"\.\[fit\]\"(\s|$)", runs), runs
 
 
 @pytest.mark.parametrize("variant", sorted(IMAGES))
