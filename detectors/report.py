@@ -27,7 +27,16 @@ FeaturizerFactory = Callable[[tuple[str, ...]], SignalFeaturizer]
 PORTABLE_ABLATION = [
     ("gradients", ("gradients", "gradient_summary")),
     ("gradients + logits", ("gradients", "gradient_summary", "logits")),
-    ("all = H", ("gradients", "gradient_summary", "logits", "knn", "mahalanobis")),
+    (
+        "gradients + logits + knn + mahalanobis",
+        ("gradients", "gradient_summary", "logits", "knn", "mahalanobis"),
+    ),
+    (
+        "all (+ relative image statistics) = H",
+        ("gradients", "gradient_summary", "logits", "knn", "mahalanobis", "image_relative"),
+    ),
+    ("gradients + relative image statistics", ("gradients", "gradient_summary", "image_relative")),
+    ("relative image statistics only", ("image_relative",)),
     ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
 ]
 FASHION_INTRO = (

@@ -20,11 +20,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image", "gradient_summary")
+GROUPS = (
+    "gradients",
+    "logits",
+    "knn",
+    "mahalanobis",
+    "image",
+    "gradient_summary",
+    "image_relative",
+)
 # The default Fashion-MNIST H's groups (the image statistics assume its black background).
 DEFAULT_GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image")
 # For a user's classifier: nothing that assumes a background, a size or a class count.
-PORTABLE_GROUPS = ("gradients", "gradient_summary", "logits", "knn", "mahalanobis")
+PORTABLE_GROUPS = (
+    "gradients",
+    "gradient_summary",
+    "logits",
+    "knn",
+    "mahalanobis",
+    "image_relative",
+)
 EPS = 1e-30
 IMAGE_COLUMNS = (
     "img_mean",
@@ -44,6 +59,72 @@ IMAGE_COLUMNS = (
     "img_q75",
     "img_q95",
 )
+
+
+RELATIVE_IMAGE_COLUMNS = (
+    "rel_mean",
+    "rel_std",
+    "rel_q05",
+    "rel_q50",
+    "rel_q95",
+    "rel_clipped_dark",
+    "rel_clipped_bright",
+    "rel_log_total_variation",
+    "rel_log_laplacian_energy",
+    "rel_log_noise",
+    "rel_colourfulness",
+    "rel_saturation",
+    "rel_log_blockiness",
+)
+
+
+def portable_image_statistics(images: np.ndarray) -> np.ndarray:
+    """(B, len(RELATIVE_IMAGE_COLUMNS)) float64 statistics of images (B, C, H, W) in [0, 1]
+    that hold for any size, channel count and background: brightness and its spread,
+    clipping, sharpness, a robust noise level, colourfulness and saturation (0 for one
+    channel), and 8×8 block edges (JPEG). They mean something only relative to the user's
+    clean images: ``SignalFeaturizer`` turns them into z-scores against those."""
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {x.shape}")
+    y = x.mean(1)
+    flat = y.reshape(len(y), -1)
+    dx, dy = np.abs(np.diff(y, axis=2)), np.abs(np.diff(y, axis=1))
+    total_variation = dx.mean((1, 2)) + dy.mean((1, 2))
+    laplacian = (
+        4 * y[:, 1:-1, 1:-1] - y[:, :-2, 1:-1] - y[:, 2:, 1:-1] - y[:, 1:-1, :-2] - y[:, 1:-1, 2:]
+    )
+    flat_laplacian = np.abs(laplacian.reshape(len(y), -1))
+    noise = np.median(flat_laplacian, axis=1) / 0.6745 / np.sqrt(20.0)  # σ of white noise
+    if x.shape[1] == 3:
+        r, g, b = x[:, 0], x[:, 1], x[:, 2]
+        rg, yb = (r - g).reshape(len(x), -1), (0.5 * (r + g) - b).reshape(len(x), -1)
+        colourfulness = np.hypot(rg.std(1), yb.std(1)) + 0.3 * np.hypot(rg.mean(1), yb.mean(1))
+        high, low = x.max(1), x.min(1)
+        saturation = ((high - low) / (high + 1e-3)).reshape(len(x), -1).mean(1)
+    else:
+        colourfulness = saturation = np.zeros(len(x))
+    if y.shape[2] >= 16:
+        at_edges = dx[:, :, 7::8].mean((1, 2))
+        blockiness = np.log((at_edges + 1e-4) / (dx.mean((1, 2)) + 1e-4))
+    else:
+        blockiness = np.zeros(len(x))
+    quantiles = np.percentile(flat, [5, 50, 95], axis=1).T
+    return np.column_stack(
+        [
+            flat.mean(1),
+            flat.std(1),
+            quantiles,
+            (flat < 0.02).mean(1),
+            (flat > 0.98).mean(1),
+            np.log(total_variation + 1e-6),
+            np.log((laplacian**2).mean((1, 2)) + 1e-8),
+            np.log(noise + 1e-5),
+            colourfulness,
+            saturation,
+            blockiness,
+        ]
+    )
 
 
 def image_statistics(images: np.ndarray) -> np.ndarray:
@@ -101,9 +182,19 @@ class SignalFeaturizer:
     # Ranked gradient columns kept per layer: None keeps all N labels; with many classes the
     # first few ranks (the most plausible labels) and ``gradient_summary`` carry the signal.
     max_ranks: int | None = None
+    # ``image_relative``: the clean images' statistics (mean, std per column; precision of
+    # their z-scores), the reference every image is measured against.
+    image_mean: np.ndarray | None = None
+    image_std: np.ndarray | None = None
+    image_precision: np.ndarray | None = None
 
     def fit(
-        self, embeddings: np.ndarray, labels: np.ndarray, bank_size: int = 5_000, seed: int = 0
+        self,
+        embeddings: np.ndarray,
+        labels: np.ndarray,
+        bank_size: int = 5_000,
+        seed: int = 0,
+        images: np.ndarray | None = None,
     ) -> SignalFeaturizer:
         """Fit on clean training embeddings. ``bank_size`` training embeddings (a random
         subset) are the KNN's neighbours: at one image per call the KNN reads the whole bank,
@@ -122,7 +213,32 @@ class SignalFeaturizer:
         self.precision = np.linalg.pinv(covariance + 1e-6 * np.eye(len(covariance)))
         self.class_means = self.class_means.astype(np.float32)
         self.precision = self.precision.astype(np.float32)
+        if "image_relative" in self.groups:
+            if images is None:
+                raise ValueError("image_relative needs the clean training images: pass images")
+            self._fit_image_reference(images)
         return self
+
+    def _fit_image_reference(self, images: np.ndarray) -> None:
+        from sklearn.covariance import LedoitWolf
+
+        stats = np.concatenate(
+            [portable_image_statistics(images[i : i + 512]) for i in range(0, len(images), 512)]
+        )
+        self.image_mean = stats.mean(0)
+        std = stats.std(0)
+        self.image_std = np.where(std > 1e-8, std, 1.0)
+        z = (stats - self.image_mean) / self.image_std
+        self.image_precision = LedoitWolf().fit(z).precision_
+
+    def relative_image_columns(self, images: np.ndarray) -> np.ndarray:
+        """z-scores of the image statistics against the clean images, and the log
+        Mahalanobis distance of the whole vector from them."""
+        if self.image_mean is None or self.image_std is None or self.image_precision is None:
+            raise RuntimeError("this featurizer was fitted without clean images")
+        z = (portable_image_statistics(images) - self.image_mean) / self.image_std
+        distance = ((z @ self.image_precision) * z).sum(1)
+        return np.column_stack([z, np.log(distance + 1e-6)])
 
     def column_names(self, n_classes: int, layers: list[str]) -> list[str]:
         names: list[str] = []
@@ -139,6 +255,8 @@ class SignalFeaturizer:
             names += ["mahalanobis_min"]
         if "image" in self.groups:
             names += list(IMAGE_COLUMNS)
+        if "image_relative" in self.groups:
+            names += [*RELATIVE_IMAGE_COLUMNS, "rel_image_distance"]
         return names
 
     def transform(
@@ -182,6 +300,10 @@ class SignalFeaturizer:
             if len(images) != len(features):
                 raise ValueError(f"{len(images)} images for {len(features)} feature rows")
             columns.append(image_statistics(images))
+        if "image_relative" in self.groups:
+            if images is None or len(images) != len(features):
+                raise ValueError("this featurizer measures the images: pass one per row")
+            columns.append(self.relative_image_columns(images))
         return np.concatenate(columns, axis=1).astype(np.float32)
 
     def _ranks(self, n_classes: int) -> int:
@@ -205,6 +327,11 @@ class SignalFeaturizer:
             class_means=self.class_means,
             precision=self.precision,
             max_ranks=np.array(-1 if self.max_ranks is None else self.max_ranks),
+            **{
+                name: getattr(self, name)
+                for name in ("image_mean", "image_std", "image_precision")
+                if getattr(self, name) is not None
+            },
         )
 
     @classmethod
@@ -217,6 +344,9 @@ class SignalFeaturizer:
                 class_means=data["class_means"],
                 precision=data["precision"],
                 max_ranks=_optional_int(data["max_ranks"]) if "max_ranks" in data else None,
+                image_mean=data.get("image_mean", None),
+                image_std=data.get("image_std", None),
+                image_precision=data.get("image_precision", None),
             )
 
     def _check_fitted(self) -> None:

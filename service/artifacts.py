@@ -117,11 +117,29 @@ def load_default_classifier(device: str = "cpu", *, quiet: bool = False) -> Load
     return classifier_module.load_classifier(ensure_default_model(quiet=quiet), device=device)
 
 
+DEFAULT_DETECTOR_MODULES = (
+    "datasets.py",
+    "detector.py",
+    "gradients.py",
+    "layer_norms.py",
+    "signals.py",
+    "traced_backward.py",
+    "training.py",
+)
+
+
 def default_detector_dir(classifier: LoadedClassifier) -> Path:
     """Keyed by the classifier, the challenge recipe and the code of everything H is made by."""
     import detectors
 
-    code = code_fingerprint(Path(detectors.__file__).parent.rglob("*.py"))
+    package = Path(detectors.__file__).parent
+    # The modules the default H is made by; the rest of the package (fitting users' models,
+    # importing their files) does not change it.
+    made_by = [
+        *(package / "challenge").glob("*.py"),
+        *(package / name for name in DEFAULT_DETECTOR_MODULES),
+    ]
+    code = code_fingerprint(made_by)
     blob = json.dumps({"classifier": classifier.manifest.sha256, "code": code}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return gradprobe_home() / "detectors" / f"h-{key}"

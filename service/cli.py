@@ -656,22 +656,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     from service.artifacts import ensure_default_model
+    from service.registry import DEFAULT_MODEL_NAME
     from service.torchserve_archive import ArchiveOptions, build_archive
 
+    # The archive is named after the model dir; the built-in example's dir name is a hash, so
+    # its archive takes the name GradProbe serves it under.
     model_dir = args.model_dir or ensure_default_model(quiet=args.quiet)
+    name = args.name or (None if args.model_dir else DEFAULT_MODEL_NAME)
     options = ArchiveOptions(
         mode=args.mode,
         target=args.target,
         timeout_ms=args.timeout_ms,
         on_unreliable=args.on_unreliable,
         on_unavailable=args.on_unavailable,
+        model=args.model,
         batch_size=args.ts_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         workers=args.workers,
     )
     try:
         path = build_archive(
-            model_dir, args.export_path, name=args.name, options=options, force=args.force
+            model_dir, args.export_path, name=name, options=options, force=args.force
         )
     except FileExistsError as exc:
         raise UsageError(str(exc)) from exc
@@ -685,13 +690,16 @@ def _add_archive_command(sub: argparse._SubParsersAction, common: argparse.Argum
         parents=[common],
         help="pack the classifier and the GradProbe handler for TorchServe (.mar)",
         description=textwrap.fill(
-            "Write a TorchServe model archive: the exported classifier, its manifest, "
-            "the GradProbe handler (deploy/torchserve/) and the gRPC stubs. TorchServe serves "
-            "predictions as usual and asks the GradProbe sidecar for a verdict per batch. The "
-            "--mode/--target/--timeout-ms/--on-* values go to the archive's model-config.yaml; "
-            "at run time GRADPROBE_TS_MODE, GRADPROBE_TS_TARGET, GRADPROBE_TS_TIMEOUT_MS, "
-            "GRADPROBE_TS_ON_UNRELIABLE and GRADPROBE_TS_ON_UNAVAILABLE override them.",
+            "Write a TorchServe model archive: the model dir's classifier (torch.export or "
+            "TorchScript), its manifest (the handler reads the input shape, channels, classes "
+            "and normalization from it), the GradProbe handler (deploy/torchserve/) and the "
+            "gRPC stubs. TorchServe serves predictions as usual and asks the GradProbe sidecar "
+            "for a verdict per batch. The --mode/--target/--timeout-ms/--on-*/--model values go "
+            "to the archive's model-config.yaml; at run time GRADPROBE_TS_MODE, "
+            "GRADPROBE_TS_TARGET, GRADPROBE_TS_TIMEOUT_MS, GRADPROBE_TS_ON_UNRELIABLE, "
+            "GRADPROBE_TS_ON_UNAVAILABLE and GRADPROBE_TS_MODEL override them.",
             width=88,
+            break_on_hyphens=False,  # keep model-config.yaml whole
         ),
         epilog="example:\n  gradprobe archive --mode gate --on-unreliable refuse "
         "--export-path model-store\n  torchserve --start --model-store model-store "
@@ -701,7 +709,18 @@ def _add_archive_command(sub: argparse._SubParsersAction, common: argparse.Argum
     archive.add_argument(
         "--export-path", type=Path, default=Path("model-store"), help="folder (default model-store)"
     )
-    archive.add_argument("--name", default="fashion", help="model name (default fashion)")
+    archive.add_argument(
+        "--name",
+        default=None,
+        help="TorchServe's model name and the archive's file name (default: the model dir's "
+        "name; fashion for the built-in example)",
+    )
+    archive.add_argument(
+        "--model",
+        default="",
+        help="GradProbe's name for this classifier, sent with every request (see ListModels; "
+        "default: empty, the only model GradProbe serves)",
+    )
     archive.add_argument(
         "--mode",
         choices=("monitor", "gate"),

@@ -36,3 +36,19 @@ def assessor(default_classifier, default_detector):
     from service.assessor import Assessor
 
     return Assessor(default_classifier, default_detector, "cpu")
+
+
+@pytest.fixture(scope="session")
+def byom_dir(tmp_path_factory) -> Path:
+    """A small RGB classifier (TorchScript, 3x20x24, 4 classes) through `fit` with few
+    challenge images: the bring-your-own-classifier model dir the service tests share."""
+    from byom_models import CLASSES, SHAPE, save, trained, write_image_folder
+
+    from detectors.fit.challenge import FitRecipe
+    from detectors.fit.training import FitOptions, fit
+
+    root = tmp_path_factory.mktemp("byom")
+    train = write_image_folder(root / "train", CLASSES, 40, SHAPE)
+    classifier = save(trained(train), root / "tiny.pt", SHAPE)
+    options = FitOptions(recipe=FitRecipe.quick(), leave_one_out=False, progress=False)
+    return fit(classifier, train, root / "model", options)

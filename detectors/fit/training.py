@@ -163,7 +163,6 @@ def prepare_data(
     options: FitOptions,
 ) -> tuple[PreparedData, Sources, dict]:
     """Challenge splits and their gradient signals, cached by content."""
-    from detectors import signals as signals_module
     from detectors.fingerprint import code_fingerprint
 
     recipe = options.recipe
@@ -180,8 +179,10 @@ def prepare_data(
     sources = Sources(images, labels)
     digests = [train.digest, val.digest if val else "", *sorted(user_ood)]
     digests += [str(np.asarray(x).sum()) for _, x in sorted(user_ood.items())]
-    engine = code_fingerprint([Path(signals_module.__file__), *_engine_files()])[:12]
-    key = cache_key(loaded.manifest.sha256, "|".join(digests), recipe, {"engine": engine})
+    # The challenge images depend on the data, the classifier and the recipe; their gradient
+    # signals also on the engine's code, so they are cached per engine version beside them.
+    engine = code_fingerprint(_engine_files())[:12]
+    key = cache_key(loaded.manifest.sha256, "|".join(digests), recipe, {})
     folder = gradprobe_home() / "fit" / key
     folder.mkdir(parents=True, exist_ok=True)
     eps_file = folder / "eps.json"
@@ -213,7 +214,10 @@ def prepare_data(
 
         splits[split] = load_or_build_split(folder, split, build)
         signals[split] = split_signals(
-            model, splits[split], folder / f"signals-{split}.npz", progress=options.progress
+            model,
+            splits[split],
+            folder / f"signals-{split}-{engine}.npz",
+            progress=options.progress,
         )
     summary = {"recipe": asdict(recipe), "eps": list(eps), "cache": str(folder)}
     return PreparedData(splits, signals, recipe), sources, summary  # type: ignore[arg-type]
@@ -239,7 +243,7 @@ def fit_featurizer(
     """KNN bank and Mahalanobis statistics from the user's clean training images."""
     _, embeddings = embed(model, sources.images["train"], batch=256)
     featurizer = SignalFeaturizer(groups=groups, max_ranks=MAX_RANKS)
-    return featurizer.fit(embeddings, sources.labels["train"])
+    return featurizer.fit(embeddings, sources.labels["train"], images=sources.images["train"])
 
 
 def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -> Path:

@@ -14,45 +14,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from byom_models import make_model, save, write_image_folder
+from byom_models import SHAPE
 from grpc_support import start_server
 
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
 from service.cli import main
 from service.client import ReliabilityClient
 
-SHAPE = (3, 20, 24)
 CLASSES = ["bus", "car", "sign", "truck"]
-
-
-def _trained(folder: Path) -> torch.nn.Module:
-    """The tiny model, briefly trained on the images (a classifier users would hold)."""
-    from detectors.fit.data import load_labelled
-
-    data = load_labelled(folder, SHAPE)
-    model = make_model(classes=len(CLASSES)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    for _ in range(30):
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def byom_dir(tmp_path_factory) -> Path:
-    from detectors.fit.challenge import FitRecipe
-    from detectors.fit.training import FitOptions, fit
-
-    root = tmp_path_factory.mktemp("byom")
-    train = write_image_folder(root / "train", CLASSES, 40, SHAPE)
-    classifier = save(_trained(train), root / "tiny.pt", SHAPE)
-    options = FitOptions(recipe=FitRecipe.quick(), leave_one_out=False, progress=False)
-    return fit(classifier, train, root / "model", options)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The fitted example the service tests share (see ``tests/conftest.py``).
+SHAPE = (3, 20, 24)
+CLASSES = ["bus", "car", "sign", "truck"]
+
 
 class TinyResNet(nn.Module):
     """conv-BN-ReLU, a residual block, a strided conv, global pooling, a linear head."""
@@ -75,3 +79,19 @@ def write_image_folder(
             image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
             (image if c == 3 else image.convert("L")).save(root / name / f"{i:03d}.png")
     return root
+
+
+def trained(folder: Path) -> nn.Module:
+    """The tiny model briefly trained on an image folder: a classifier a user would hold."""
+    from detectors.fit.data import load_labelled
+
+    data = load_labelled(folder, SHAPE)
+    model = make_model(classes=len(CLASSES)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
