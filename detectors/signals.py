@@ -174,7 +174,7 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
 class SignalFeaturizer:
     """Fitted state for the distance signals; ``fit`` on clean training embeddings first."""
 
-    groups: tuple[str, ...] = GROUPS
+    groups: tuple[str, ...] = DEFAULT_GROUPS
     knn_k: int = 10
     bank: np.ndarray | None = None  # (M, D) L2-normalized training embeddings
     class_means: np.ndarray | None = None  # (N, D)

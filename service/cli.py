@@ -655,14 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from service.artifacts import ensure_default_model
+    from service.artifacts import default_model_dir, ensure_default_model
     from service.registry import DEFAULT_MODEL_NAME
     from service.torchserve_archive import ArchiveOptions, build_archive
 
     # The archive is named after the model dir; the built-in example's dir name is a hash, so
     # its archive takes the name GradProbe serves it under.
-    model_dir = args.model_dir or ensure_default_model(quiet=args.quiet)
-    name = args.name or (None if args.model_dir else DEFAULT_MODEL_NAME)
+    default = ensure_default_model(quiet=args.quiet) if args.model_dir is None else None
+    model_dir = args.model_dir or default
+    is_default = default is not None or model_dir.resolve() == default_model_dir().resolve()
+    name = args.name or (DEFAULT_MODEL_NAME if is_default else None)
     options = ArchiveOptions(
         mode=args.mode,
         target=args.target,

@@ -70,7 +70,8 @@ def log_if_unexpected(exc: BaseException, method: str) -> None:
         log.error("%s failed", method, exc_info=exc)
 
 
-StatusObserver = Callable[[str, grpc.StatusCode], None]
+# (method, status code, the request's `model` field: "" for streams and when unset)
+StatusObserver = Callable[[str, grpc.StatusCode, str], None]
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
@@ -78,7 +79,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     final status to ``observe(method, code)`` (the requests counter)."""
 
     def __init__(self, observe: StatusObserver | None = None) -> None:
-        self._observe = observe or (lambda method, code: None)
+        self._observe = observe or (lambda method, code, model: None)
 
     def intercept_service(
         self,
@@ -112,11 +113,12 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            model = getattr(request, "model", "")
             try:
                 response = behavior(request, context)
             except Exception as exc:
-                self._abort(method, exc, context)
-            self._observe(method, _code_of(context))
+                self._abort(method, exc, context, model)
+            self._observe(method, _code_of(context), model)
             return response
 
         return wrapped
@@ -126,20 +128,22 @@ class StatusInterceptor(grpc.ServerInterceptor):
             try:
                 yield from behavior(request, context)
             except Exception as exc:
-                self._abort(method, exc, context)
-            self._observe(method, _code_of(context))
+                self._abort(method, exc, context, "")
+            self._observe(method, _code_of(context), "")
 
         return wrapped
 
-    def _abort(self, method: str, exc: Exception, context: grpc.ServicerContext) -> None:
+    def _abort(
+        self, method: str, exc: Exception, context: grpc.ServicerContext, model: str
+    ) -> None:
         already = context.code()
         if already is not None and already is not grpc.StatusCode.OK:
             # The servicer set the status itself (context.abort raises after setting it).
-            self._observe(method, already)
+            self._observe(method, already, model)
             raise exc
         log_if_unexpected(exc, method)
         code, message = status_for(exc)
-        self._observe(method, code)
+        self._observe(method, code, model)
         context.abort(code, message)
 
 

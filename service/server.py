@@ -41,7 +41,7 @@ from service.errors import (
     status_for,
 )
 from service.inputs import InvalidInput, to_model_input
-from service.metrics import ServiceMetrics
+from service.metrics import ModelMetrics, ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger("gradprobe.server")
@@ -284,6 +284,7 @@ class ServedModel:
     name: str
     assessor: Assessor
     batcher: MicroBatcher
+    metrics: ModelMetrics
 
     @property
     def spec(self) -> ModelSpec:
@@ -319,16 +320,16 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
                 warm = rng.random((size, *assessor.spec.input_shape), dtype=np.float32)
                 assessor.assess(warm)
                 assessor.predict(warm)
-        first = assessors[0]
-        self.metrics.set_model(
-            classifier_version=first.classifier.model_dir.name,
-            classifier_sha256=first.classifier.manifest.sha256,
-            detector_version=first.detector.version,
-            detector_sha256=first.detector.sha256,
-            device=first.device,
-        )
         models = {}
         for assessor in assessors:
+            metrics = self.metrics.add_model(
+                assessor.name,
+                classifier_version=assessor.classifier.model_dir.name,
+                classifier_sha256=assessor.classifier.manifest.sha256,
+                detector_version=assessor.detector.version,
+                detector_sha256=assessor.detector.sha256,
+                device=assessor.device,
+            )
             batcher = MicroBatcher(
                 {
                     "assess": functools.partial(self._assess_batch, assessor),
@@ -338,10 +339,10 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
                 max_wait_ms=self.settings.max_wait_ms,
                 max_queue=self.settings.max_queue,
                 batching=self.settings.batching,
-                observer=self.metrics,
+                observer=metrics,
             )
             batcher.start()
-            models[assessor.name] = ServedModel(assessor.name, assessor, batcher)
+            models[assessor.name] = ServedModel(assessor.name, assessor, batcher, metrics)
         self.models = models
 
     def close(self, timeout: float | None = None) -> None:
@@ -425,8 +426,8 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         classes = model.assessor.classes
         timings = _timings(job, decode_ms, arrived)
         message = _timings_message(timings, job.batch_size)
-        self.metrics.observe_stages("assess", timings)
-        self.metrics.observe_assessments(job.results, classes)
+        model.metrics.observe_stages("assess", timings)
+        model.metrics.observe_assessments(job.results, classes)
         return pb.AssessResponse(
             results=[_assessment_message(a, classes, message) for a in job.results],
             request_id=request_id,
@@ -512,7 +513,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         job = self._wait(future, context)
         classes = model.assessor.classes
         timings = _timings(job, decode_ms, arrived)
-        self.metrics.observe_stages("predict", timings)
+        model.metrics.observe_stages("predict", timings)
         predictions = []
         for p in job.results:
             best = int(p.argmax())

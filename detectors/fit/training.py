@@ -375,7 +375,7 @@ def train_detector(
 def user_intro(manifest: Manifest) -> str:
     c, h, w = manifest.input_shape
     return (
-        f"Regenerate with `gradprobe fit` (or `gradprobe evaluate --model-dir`). Classifier: "
+        f"Written by `gradprobe fit` (`gradprobe evaluate --model-dir` shows where). Classifier: "
         f"{manifest.architecture} ({manifest.format}), input {c}×{h}×{w}, "
         f"{len(manifest.classes)} classes, held-out accuracy {manifest.test_accuracy:.2%}. "
         "Test split: the user's images whose sources never appear in H's training or "
@@ -384,6 +384,8 @@ def user_intro(manifest: Manifest) -> str:
         "Scores: AUROC of 'challenge vs clean' (higher is better).\n\n"
         "H's inputs: the ranked log gradient norms of the most plausible labels and their "
         "per-layer mean, spread and maximum over all labels, the peers' cheap signals "
-        "(max softmax, energy, max logit, KNN and Mahalanobis distances). No statistic of "
-        "the image itself: nothing assumes a background, a size or a class count."
+        "(max softmax, energy, max logit, KNN and Mahalanobis distances), and statistics of "
+        "the image (brightness, clipping, sharpness, noise, colour, JPEG blocks) only as "
+        "z-scores against the user's clean training images, with their distance from them: "
+        "nothing assumes a background, a size or a class count."
     )

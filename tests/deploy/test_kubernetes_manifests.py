@@ -274,8 +274,12 @@ def test_adapter_rules_read_series_the_service_exports():
     from service.metrics import ServiceMetrics
 
     metrics = ServiceMetrics()
-    metrics.verdicts.labels("ood", "Bag").inc()
-    metrics.set_queue_depth(0)
+    model = metrics.add_model(
+        "signs", classifier_version="v", classifier_sha256="c", detector_version="d",
+        detector_sha256="h", device="cpu",
+    )  # fmt: skip
+    metrics.verdicts.labels("signs", "ood", "Bag").inc()
+    model.set_queue_depth(0)
     exported = {
         line.split("{")[0].split(" ")[0]
         for line in generate_latest(metrics.registry).decode().splitlines()

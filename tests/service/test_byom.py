@@ -195,3 +195,26 @@ def test_serve_command_answers_the_assess_command(byom_dir, images, tmp_path, ca
         process.wait(timeout=30)
     assert [r["verdict"] for r in remote] == [r["verdict"] for r in expected]
     assert [r["prediction"] for r in remote] == [r["prediction"] for r in expected]
+
+
+def test_features_command_equals_the_per_label_loop(capsys, byom_dir, images, tmp_path) -> None:
+    """`gradprobe features --model-dir` on the imported TorchScript file: exact features."""
+    import warnings
+
+    import torch
+
+    from detectors.reference import loop_features
+
+    np.save(tmp_path / "x.npy", images)
+    out = tmp_path / "f.npy"
+    argv = ["features", "--model-dir", str(byom_dir), "--images", str(tmp_path / "x.npy")]
+    assert main([*argv, "--output", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.jit.load(str(byom_dir / "classifier.pt")).eval()
+    # The loop over the file's own module, layers in the manifest's order.
+    expected = loop_features(model, torch.from_numpy(images)).numpy()
+    got = np.load(out)
+    assert got.shape == (len(images), len(CLASSES), expected.shape[2])
+    assert (abs(got - expected) <= 1e-4 * abs(expected) + 1e-10).all()

@@ -198,7 +198,7 @@ def test_tampered_artifact_is_refused_naming_both_hashes(
 
 def test_not_a_model_folder(capsys, tmp_path) -> None:
     code, _, err = run_cli(capsys, "info", "--model-dir", str(tmp_path))
-    assert code == 2 and "not a GradProbe model folder" in err
+    assert code == 2 and "not a GradProbe model dir" in err and "gradprobe fit" in err
 
 
 def test_console_script_help_explains_the_commands() -> None:
@@ -210,7 +210,7 @@ def test_console_script_help_explains_the_commands() -> None:
     result = subprocess.run(
         [str(exe), "features", "--help"], capture_output=True, text=True, timeout=60
     )
-    assert "float32 (B, 1, 28, 28)" in result.stdout and "--labels" in result.stdout
+    assert "(B, C, H, W)" in result.stdout and "--labels" in result.stdout
 
 
 def test_archive_writes_a_mar_with_the_chosen_mode(capsys, tmp_path, default_model_dir) -> None:

@@ -34,11 +34,14 @@ def test_metrics_endpoint_exposes_bounded_series(assessor):
         "gradprobe_verdict_score_bucket",
         "gradprobe_batch_size_images_bucket",
         "gradprobe_queue_depth_images",
-        'gradprobe_requests_total{code="OK",method="Assess"}',
-        "gradprobe_model_info",
-        'gradprobe_dropped_requests_total{reason="deadline"}',
+        f'gradprobe_requests_total{{code="OK",method="Assess",model="{assessor.name}"}}',
+        f'gradprobe_model_info{{classifier_sha256="{assessor.classifier.manifest.sha256}"',
+        f'gradprobe_dropped_requests_total{{model="{assessor.name}",reason="deadline"}}',
     ):
         assert name in text, name
+    # Every series of the service names its model.
+    series = [line for line in text.splitlines() if line.startswith("gradprobe_")]
+    assert series and all(f'model="{assessor.name}"' in line for line in series)
     stages = {
         line.split('stage="')[1].split('"')[0] for line in text.splitlines() if 'stage="' in line
     }

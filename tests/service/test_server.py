@@ -165,7 +165,10 @@ def _with(value, at=(3, 4)):
         ([raw(_with(np.inf))], "NaN or infinite"),
         ([raw(_with(1.5))], r"must lie in \[0, 1\]"),
         ([pb.Image(encoded=b"\x89PNG\r\n\x1a\n garbage")], "not a readable PNG or JPEG"),
-        ([pb.Image(encoded=png(np.zeros((32, 32), np.uint8)))], "32×32 pixels; expected 28×28"),
+        (
+            [pb.Image(encoded=png(np.zeros((32, 32), np.uint8)))],
+            "32×32 pixels; this model takes 28×28",
+        ),
         ([pb.Image(encoded=png(np.zeros((28, 28), np.uint8), "GIF"))], "must be PNG or JPEG"),
         ([pb.Image()], "image 0 is empty"),
         ([], "at least one"),
@@ -342,9 +345,10 @@ def test_a_full_queue_is_resource_exhausted(client, server, images):
 
 def test_an_expired_deadline_is_not_computed(client, server, images):
     registry = server.metrics.registry
+    model = server.servicer.assessor.name
 
     def count(name, **labels):
-        return registry.get_sample_value(name, labels) or 0.0
+        return registry.get_sample_value(name, {"model": model, **labels}) or 0.0
 
     def assessed():
         return sum(
@@ -379,17 +383,19 @@ def test_an_expired_deadline_is_not_computed(client, server, images):
 
 def test_request_metrics_count_methods_and_codes(server, client, images):
     registry = server.metrics.registry
+    model = server.servicer.assessor.name
     client.assess(images[:1])
-    assert (
-        registry.get_sample_value("gradprobe_requests_total", {"method": "Assess", "code": "OK"})
-        >= 1
-    )
-    assert (
-        registry.get_sample_value(
-            "gradprobe_requests_total", {"method": "Assess", "code": "INVALID_ARGUMENT"}
-        )
-        >= 1
-    )
+
+    def count(**labels):
+        return registry.get_sample_value("gradprobe_requests_total", labels) or 0.0
+
+    assert count(model=model, method="Assess", code="OK") >= 1
+    assert count(model=model, method="Assess", code="INVALID_ARGUMENT") >= 1
+    # A name that is not served is counted under "unknown", never as the client wrote it.
+    with pytest.raises(grpc.RpcError):
+        client.stub.Assess(pb.AssessRequest(images=image_messages(images[:1]), model="x" * 40))
+    assert count(model="unknown", method="Assess", code="NOT_FOUND") == 1
+    assert all("x" * 40 not in str(m) for m in registry.collect())
 
 
 def test_cli_assess_writes_one_json_line_per_image(server, assessor, images, tmp_path):
