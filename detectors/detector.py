@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from detectors.guard import NoveltyGuard
 from detectors.signals import SignalFeaturizer
 
 VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
@@ -50,6 +51,8 @@ class DetectorManifest:
     # (chosen on validation data for a target false-positive rate); None: the most probable
     # verdict.
     threshold: float | None = None
+    # The novelty guard's numbers (``detectors.guard``); None: H's probabilities as they are.
+    guard: dict[str, Any] | None = None
 
 
 def verdict_indices(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
@@ -108,10 +111,12 @@ class TrainedH:
     temperature: float
     featurizer: SignalFeaturizer
     columns: list[str]
+    guard: NoveltyGuard | None = None
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
         log_p = np.log(np.clip(self.pipeline.predict_proba(vectors), 1e-12, 1.0))
-        return _softmax_t(log_p, self.temperature)
+        probs = _softmax_t(log_p, self.temperature)
+        return probs if self.guard is None else self.guard.apply(vectors, probs)
 
 
 def fit(
@@ -123,8 +128,11 @@ def fit(
     val_y: np.ndarray,
     hidden_layers: tuple[int, ...] = (256, 128),
     seed: int = 0,
+    guard: bool = False,
 ) -> TrainedH:
     """Fit the pipeline on train, the temperature on val. Labels index ``VERDICTS``.
+    With ``guard``, P(in_distribution) also answers to one-class signals among ``columns``
+    (``detectors.guard``), fitted on val.
 
     Width and ``alpha`` were chosen on the validation split (macro-F1 and per-family AUROC);
     wider or deeper nets and smaller ``alpha`` did no better there.
@@ -155,7 +163,11 @@ def fit(
     )
     pipeline.fit(train_x, train_y, mlpclassifier__sample_weight=weights)
     temperature = fit_temperature(pipeline.predict_proba(val_x), val_y)
-    return TrainedH(pipeline, temperature, featurizer, columns)
+    trained = TrainedH(pipeline, temperature, featurizer, columns)
+    if guard:
+        val_probs = trained.predict_proba_vectors(val_x)
+        trained.guard = NoveltyGuard.fit(columns, val_x, val_probs, val_y)
+    return trained
 
 
 def export(
@@ -192,6 +204,7 @@ def export(
         training_data=training_data,
         metrics=metrics,
         threshold=threshold,
+        guard=None if trained.guard is None else trained.guard.to_dict(),
     )
     (out_dir / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
@@ -241,11 +254,14 @@ class OnnxDetector:
         self._input = self.session.get_inputs()[0].name
         self.version = self.manifest.version
         self.sha256 = self.manifest.onnx_sha256
+        guard = self.manifest.guard
+        self.guard = None if guard is None else NoveltyGuard.from_dict(guard)
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
         _, probs = self.session.run(None, {self._input: vectors.astype(np.float32)})
         log_p = np.log(np.clip(probs, 1e-12, 1.0))
-        return _softmax_t(log_p, self.manifest.temperature)
+        probs = _softmax_t(log_p, self.manifest.temperature)
+        return probs if self.guard is None else self.guard.apply(vectors, probs)
 
     def verdict_indices(self, probs: np.ndarray) -> np.ndarray:
         """Index into ``VERDICTS`` per image, at the detector's operating point."""

@@ -166,14 +166,20 @@ def family_of(kind: str) -> str:
     ]
 
 
+def signal_columns(featurizer: SignalFeaturizer, data: PreparedData) -> list[str]:
+    """The names of H's input columns for this data (layers numbered, not named)."""
+    _, n_classes, n_layers = data.signals["train"].features.shape
+    return featurizer.column_names(n_classes, [f"layer{i}" for i in range(n_layers)])
+
+
 def leave_one_out(
-    data: PreparedData, featurizer: SignalFeaturizer, progress: bool = True
+    data: PreparedData, featurizer: SignalFeaturizer, progress: bool = True, guard: bool = False
 ) -> dict[str, float]:
-    """AUROC (vs clean) on each held-out kind, for an H (on ``featurizer``'s signals) trained
-    without that kind."""
+    """AUROC (vs clean) on each held-out kind, for an H (on ``featurizer``'s signals, with the
+    novelty guard when ``guard``) trained and calibrated without that kind."""
     from tqdm import tqdm
 
-    columns = featurizer.column_names(1, ["x"])  # names are not needed here
+    columns = signal_columns(featurizer, data)
     x = {
         s: vectors(featurizer, data.signals[s], data.splits[s].images)
         for s in ("train", "val", "test")
@@ -191,6 +197,7 @@ def leave_one_out(
             y["train"][keep["train"]],
             x["val"][keep["val"]],
             y["val"][keep["val"]],
+            guard=guard,
         )
         score = h_scores(trained.predict_proba_vectors(x["test"]))
         results[group] = auroc(score[kinds["test"] == "clean"], score[kinds["test"] == group])

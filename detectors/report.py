@@ -17,6 +17,7 @@ from detectors.evaluation import (
     leave_one_out,
     peer_scores,
     per_kind_metrics,
+    signal_columns,
 )
 from detectors.signals import SignalFeaturizer
 from detectors.training import PreparedData, fit_featurizer, vectors
@@ -64,6 +65,7 @@ def _ablation(
     make_featurizer: FeaturizerFactory,
     sets: list[tuple[str, tuple[str, ...]]],
     progress: bool,
+    guard: bool = False,
 ) -> list[tuple[str, dict]]:
     """What each signal group adds to the gradient features: H retrained per signal set."""
     from sklearn.metrics import f1_score
@@ -79,7 +81,10 @@ def _ablation(
             for s in ("train", "val", "test")
         }
         y = {s: data.splits[s].family for s in ("train", "val", "test")}
-        trained = fit_h(featurizer, [], x["train"], y["train"], x["val"], y["val"])
+        columns = signal_columns(featurizer, data)
+        trained = fit_h(
+            featurizer, columns, x["train"], y["train"], x["val"], y["val"], guard=guard
+        )
         probs = trained.predict_proba_vectors(x["test"])
         score = h_scores(probs)
         by_family = per_kind_metrics(kinds, {"H": score}, lambda k: k.split(":")[0])
@@ -160,8 +165,10 @@ def write_report(
     ece = expected_calibration_error(probs, test.family)
     ece_raw = expected_calibration_error(raw, test.family)
     groups = tuple(detector.featurizer.groups)
-    unseen = leave_one_out(data, make_featurizer(groups), progress) if leave_out else {}
-    ablation = _ablation(data, make_featurizer, ablation_sets or FASHION_ABLATION, progress)
+    guard = detector.guard is not None
+    unseen = leave_one_out(data, make_featurizer(groups), progress, guard) if leave_out else {}
+    sets = ablation_sets or FASHION_ABLATION
+    ablation = _ablation(data, make_featurizer, sets, progress, guard)
 
     _plot_roc(test.kind, scores, out_dir / "roc_by_family.png")
     _plot_histograms(test.kind, scores["H"], out_dir / "h_score_histograms.png")

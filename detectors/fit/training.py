@@ -332,7 +332,9 @@ def train_detector(
             "failing on every image?); give more training images"
         )
     _note(options, f"fitting H on {len(y['train'])} images, {x['train'].shape[1]} signals")
-    trained = detector_module.fit(featurizer, columns, x["train"], y["train"], x["val"], y["val"])
+    trained = detector_module.fit(
+        featurizer, columns, x["train"], y["train"], x["val"], y["val"], guard=True
+    )
     val_probs = trained.predict_proba_vectors(x["val"])
     threshold = detector_module.threshold_for_fpr(val_probs[y["val"] == 0], options.target_fpr)
     probs = trained.predict_proba_vectors(x["test"])
@@ -387,5 +389,8 @@ def user_intro(manifest: Manifest) -> str:
         "(max softmax, energy, max logit, KNN and Mahalanobis distances), and statistics of "
         "the image (brightness, clipping, sharpness, noise, colour, JPEG blocks) only as "
         "z-scores against the user's clean training images, with their distance from them: "
-        "nothing assumes a background, a size or a class count."
+        "nothing assumes a background, a size or a class count. P(in_distribution) also "
+        "answers to the novelty guard (`detectors/guard.py`): an image far into the clean "
+        "images' tails on any one-class signal (KNN, Mahalanobis, energy, max softmax, image "
+        "distance) is not called clean, whatever the kinds H was trained on."
     )
