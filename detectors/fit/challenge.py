@@ -8,10 +8,13 @@ The user's images are split by source into train / val / test (no image crosses 
   channels (``detectors.challenge.ood.generic_ood``), plus the user's own ``--ood-data``;
 * every corruption of ``detectors.challenge.corruptions.ALL_CORRUPTIONS`` at five levels, scaled
   to the image size;
-* adversarial examples against this classifier (FGSM, PGD, C&W-L2, Square), keeping only
-  successful attacks on images it got right. L∞ budgets are scaled to the classifier: PGD is
-  run on a sample at a grid of budgets, the smallest one that fools half of it is the middle
-  level, with half and twice that beside it.
+* adversarial examples against this classifier (FGSM, PGD, C&W-L2, Square, and minimal PGD),
+  keeping only successful attacks on images it got right. L∞ budgets are scaled to the
+  classifier: PGD is run on a sample at a grid of budgets, the smallest one that fools half of
+  it is the middle level, with half and twice that beside it. Minimal PGD keeps, per image, the
+  attack at the smallest budget of a grid that fools it: adversarials just past the decision
+  boundary, low in confidence, as a careful attacker makes them (the fixed-budget attacks
+  overshoot into confident mistakes; H that knows both transfers to attacks it never saw).
 
 Everything is cached per split under ``$GRADPROBE_HOME/fit/<key>``, keyed by the classifier,
 the data, the recipe and this code, so an interrupted fit resumes where it stopped.
@@ -50,7 +53,7 @@ class FitRecipe:
     adversarial_per_variant: dict[str, int] = field(
         default_factory=lambda: {"train": 120, "val": 25, "test": 80}
     )
-    attacks: tuple[str, ...] = ("fgsm", "pgd", "cw", "square")
+    attacks: tuple[str, ...] = ("fgsm", "pgd", "pgd_min", "cw", "square")
     ood_sets: tuple[str, ...] | None = None  # None: every generic set
     corruptions: tuple[str, ...] | None = None  # None: every corruption
 
@@ -63,7 +66,7 @@ class FitRecipe:
             ood_per_set={"train": 24, "val": 8, "test": 16},
             corrupted_per_variant={"train": 3, "val": 1, "test": 2},
             adversarial_per_variant={"train": 12, "val": 4, "test": 8},
-            attacks=("fgsm", "pgd"),
+            attacks=("fgsm", "pgd", "pgd_min"),
         )
 
     def scaled(self, factor: float) -> FitRecipe:
@@ -142,6 +145,37 @@ def scaled_eps(
     return (middle / 2, middle, min(2 * middle, 0.5))
 
 
+MINIMAL = "pgd_min"
+
+
+def minimal_pgd(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    budgets: tuple[float, ...],
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per image, PGD at the smallest of ``budgets`` (ascending) that changes the prediction.
+
+    Returns the fooling images, their row indices into ``images`` and the share of correctly
+    classified images fooled at some budget."""
+    from detectors.challenge.adversarial import attack
+
+    best: dict[int, np.ndarray] = {}
+    attacked = 0
+    for budget in budgets:
+        rows = np.array([i for i in range(len(images)) if i not in best], dtype=np.int64)
+        if not len(rows):
+            break
+        result = attack(model, images[rows], labels[rows], "pgd", budget, seed=seed)
+        attacked = max(attacked, result.n) if budget == budgets[0] else attacked
+        for k in np.flatnonzero(result.success):
+            best[int(rows[result.indices[k]])] = result.images[k]
+    order = np.array(sorted(best), dtype=np.int64)
+    fooled = np.stack([best[i] for i in order]) if len(order) else images[:0]
+    return fooled, order, (len(order) / attacked if attacked else 0.0)
+
+
 def build_split(
     model: torch.nn.Module,
     split: str,
@@ -199,6 +233,13 @@ def build_split(
 
     n = recipe.adversarial_per_variant[split]
     for name in recipe.attacks:
+        if name == MINIMAL:
+            src = draw(int(1.4 * n) + 8)
+            budgets = tuple(eps_levels[1] * f for f in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0))
+            x, rows, rate = minimal_pgd(model, pool[src], pool_labels[src], budgets, recipe.seed)
+            add(x[:n], "adversarial", f"adversarial:{MINIMAL}", src[rows[:n]])
+            success[MINIMAL] = rate
+            continue
         levels = ATTACKS[name].strengths if ATTACKS[name].norm != "Linf" else eps_levels
         for strength in levels:
             src = draw(int(1.4 * n) + 8)

@@ -41,6 +41,8 @@ def test_fit_writes_a_complete_model_dir(byom_dir: Path) -> None:
     assert not any("img_" in c for c in detector["columns"])  # no background assumptions
     report = (byom_dir / "report" / "REPORT.md").read_text()
     assert "## By family" in report and "ood:natural" in report
+    assert "adversarial:pgd_min" in report  # the minimal attacks: just past the boundary
+    assert detector["guard"] is not None and detector["guard"]["columns"]
     assert (byom_dir / "report" / "roc_by_family.png").stat().st_size > 1000
 
 
