@@ -12,9 +12,11 @@ The user's images are split by source into train / val / test (no image crosses 
   keeping only successful attacks on images it got right. L∞ budgets are scaled to the
   classifier: PGD is run on a sample at a grid of budgets, the smallest one that fools half of
   it is the middle level, with half and twice that beside it. Minimal PGD keeps, per image, the
-  attack at the smallest budget of a grid that fools it: adversarials just past the decision
-  boundary, low in confidence, as a careful attacker makes them (the fixed-budget attacks
-  overshoot into confident mistakes; H that knows both transfers to attacks it never saw).
+  attack at the smallest budget of a grid that fools it, leaving saturated pixels as they are:
+  adversarials just past the decision boundary, low in confidence, on the object only where the
+  background is flat, as a careful attacker makes them (the fixed-budget attacks overshoot into
+  confident mistakes and touch every pixel; H that knows both transfers to attacks it never
+  saw).
 
 Everything is cached per split under ``$GRADPROBE_HOME/fit/<key>``, keyed by the classifier,
 the data, the recipe and this code, so an interrupted fit resumes where it stopped.
@@ -148,6 +150,27 @@ def scaled_eps(
 MINIMAL = "pgd_min"
 
 
+def _masked_pgd(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int
+) -> torch.Tensor:
+    """L∞ PGD (10 steps of eps/4, random start) that leaves saturated pixels (exactly 0 or
+    1) as they are, as attacks in tanh space (C&W) do: on a flat black or white background
+    the perturbation stays on the object."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    mask = ((x > 0) & (x < 1)).to(x.dtype)
+    delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps * mask
+    for _ in range(10):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+            (grad,) = torch.autograd.grad(loss, [delta])
+        delta = ((delta + eps / 4 * grad.sign()).clamp(-eps, eps) * mask).detach()
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).clamp(0, 1)
+
+
 def minimal_pgd(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -155,25 +178,29 @@ def minimal_pgd(
     budgets: tuple[float, ...],
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per image, PGD at the smallest of ``budgets`` (ascending) that changes the prediction.
+    """Per image, masked PGD (``_masked_pgd``) at the smallest of ``budgets`` (ascending) that
+    changes the prediction, for the images the model gets right.
 
     Returns the fooling images, their row indices into ``images`` and the share of correctly
     classified images fooled at some budget."""
-    from detectors.challenge.adversarial import attack
-
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    model = model.eval()
+    with torch.no_grad():
+        right = np.flatnonzero((model(x_all).argmax(1) == y_all).numpy())
     best: dict[int, np.ndarray] = {}
-    attacked = 0
-    for budget in budgets:
-        rows = np.array([i for i in range(len(images)) if i not in best], dtype=np.int64)
+    for step, budget in enumerate(budgets):
+        rows = np.array([i for i in right if i not in best], dtype=np.int64)
         if not len(rows):
             break
-        result = attack(model, images[rows], labels[rows], "pgd", budget, seed=seed)
-        attacked = max(attacked, result.n) if budget == budgets[0] else attacked
-        for k in np.flatnonzero(result.success):
-            best[int(rows[result.indices[k]])] = result.images[k]
+        adversarial = _masked_pgd(model, x_all[rows], y_all[rows], budget, seed * 100 + step)
+        with torch.no_grad():
+            fooled = (model(adversarial).argmax(1) != y_all[rows]).numpy()
+        for k in np.flatnonzero(fooled):
+            best[int(rows[k])] = adversarial[k].numpy()
     order = np.array(sorted(best), dtype=np.int64)
-    fooled = np.stack([best[i] for i in order]) if len(order) else images[:0]
-    return fooled, order, (len(order) / attacked if attacked else 0.0)
+    found = np.stack([best[i] for i in order]) if len(order) else images[:0]
+    return found, order, (len(order) / len(right) if len(right) else 0.0)
 
 
 def build_split(
