@@ -166,7 +166,7 @@ def _throughput_in_process(target: str, clients: int, seconds: float) -> dict[st
 
 
 def _first_test_image() -> np.ndarray:
-    from detectors.datasets import load_fashion_mnist, to_float
+    from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 
     return to_float(load_fashion_mnist("test").images[:1])
 

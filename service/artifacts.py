@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from detectors import datasets
 from detectors.fingerprint import code_fingerprint
+from detectors.fit import fashion_mnist as datasets
 from detectors.model_dir import gradprobe_home
 from service import classifier as classifier_module
 from service.classifier import LoadedClassifier, TrainingRecipe
@@ -118,13 +118,14 @@ def load_default_classifier(device: str = "cpu", *, quiet: bool = False) -> Load
 
 
 DEFAULT_DETECTOR_MODULES = (
-    "datasets.py",
     "detector.py",
     "gradients.py",
+    "guard.py",
     "layer_norms.py",
     "signals.py",
     "traced_backward.py",
-    "training.py",
+    "fit/builtin.py",
+    "fit/fashion_mnist.py",
 )
 
 
@@ -136,7 +137,7 @@ def default_detector_dir(classifier: LoadedClassifier) -> Path:
     # The modules the default H is made by; the rest of the package (fitting users' models,
     # importing their files) does not change it.
     made_by = [
-        *(package / "challenge").glob("*.py"),
+        *(package / "fit" / "challenge").glob("*.py"),
         *(package / name for name in DEFAULT_DETECTOR_MODULES),
     ]
     code = code_fingerprint(made_by)
@@ -150,7 +151,7 @@ def ensure_default_detector(
 ) -> Path:
     """The default detector folder for this classifier, trained first if absent."""
     from detectors.detector import MANIFEST_FILE
-    from detectors.training import train_detector
+    from detectors.fit.builtin import train_detector
 
     target = default_detector_dir(classifier)
     with _build_lock(target):

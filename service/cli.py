@@ -313,8 +313,8 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from detectors.report import write_report
-    from detectors.training import prepare
+    from detectors.fit.builtin import prepare
+    from detectors.fit.report import write_report
     from service.artifacts import load_default_detector
 
     if args.model_dir is not None:
@@ -400,7 +400,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from detectors.fit.challenge import FitRecipe
+    from detectors.fit.domain import FitRecipe
     from detectors.fit.training import FitOptions, fit
 
     if (args.mean is None) != (args.std is None):
@@ -765,9 +765,9 @@ def _add_archive_command(sub: argparse._SubParsersAction, common: argparse.Argum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from detectors.datasets import DatasetMissing
     from detectors.detector import DetectorMismatch
     from detectors.fit.data import DataError
+    from detectors.fit.fashion_mnist import DatasetMissing
     from detectors.spec import ArtifactError
 
     parser = build_parser()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detectors.datasets import load_fashion_mnist, to_float
+from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 from detectors.gradients import GradientFeatures
 from service.classifier import LoadedClassifier
 
@@ -34,8 +34,8 @@ class SetReport:
 
 def challenge_sets(loaded: LoadedClassifier, per_set: int, seed: int = 0) -> dict:
     """name → (float32 images (n, 1, 28, 28), labels or None)."""
-    from detectors.challenge.corruptions import corrupt
-    from detectors.challenge.ood import mnist_digits
+    from detectors.fit.challenge.corruptions import corrupt
+    from detectors.fit.challenge.ood import mnist_digits
 
     rng = np.random.default_rng(seed)
     test = load_fashion_mnist("test")
@@ -44,7 +44,7 @@ def challenge_sets(loaded: LoadedClassifier, per_set: int, seed: int = 0) -> dic
     clean_x, clean_y = to_float(test.images[clean]), test.labels[clean]
     spare_x, spare_y = to_float(test.images[spare]), test.labels[spare]
 
-    from detectors.challenge.adversarial import attack
+    from detectors.fit.challenge.adversarial import attack
 
     digits = mnist_digits(seed=seed)
     digits = digits[rng.choice(len(digits), size=per_set, replace=False)][:, None]

@@ -44,7 +44,7 @@ def byom_dir(tmp_path_factory) -> Path:
     challenge images: the bring-your-own-classifier model dir the service tests share."""
     from byom_models import CLASSES, SHAPE, save, trained, write_image_folder
 
-    from detectors.fit.challenge import FitRecipe
+    from detectors.fit.domain import FitRecipe
     from detectors.fit.training import FitOptions, fit
 
     root = tmp_path_factory.mktemp("byom")

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from detectors import detector as detector_module
-from detectors.challenge.dataset import FAMILIES, SPLITS, ChallengeSplit
-from detectors.fit.challenge import (
+from detectors.fit.builtin import PreparedData, split_signals, vectors
+from detectors.fit.challenge.dataset import FAMILIES, SPLITS, ChallengeSplit
+from detectors.fit.data import DataError, LabelledImages, load_labelled, load_unlabelled, survey
+from detectors.fit.domain import (
     FitRecipe,
     Sources,
     build_split,
@@ -36,7 +38,6 @@ from detectors.fit.challenge import (
     split_sources,
     split_val_sources,
 )
-from detectors.fit.data import DataError, LabelledImages, load_labelled, load_unlabelled, survey
 from detectors.gradients import GradientFeatures
 from detectors.importer import lift, load_program
 from detectors.model_dir import (
@@ -51,7 +52,6 @@ from detectors.model_dir import (
 )
 from detectors.signals import PORTABLE_GROUPS, SignalFeaturizer, embed
 from detectors.spec import MODEL_FILES, ArtifactError, Manifest, ModelSpec
-from detectors.training import PreparedData, split_signals, vectors
 
 # Ranked gradient columns kept per layer: the most plausible labels carry the signal, and the
 # summary columns cover the rest whatever the class count.
@@ -292,7 +292,7 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
         _note(options, f"classifier accuracy on the held-out split: {accuracy:.2%}")
         detector = train_detector(loaded, data, sources, staging / DETECTOR_DIR, options)
         if options.report:
-            from detectors.report import PORTABLE_ABLATION, write_report
+            from detectors.fit.report import PORTABLE_ABLATION, write_report
 
             _note(options, "held-out report (peers, leave-one-kind-out, ablation)")
             write_report(

@@ -244,9 +244,9 @@ def _prometheus_config(tmp_path: Path, metrics_port: int, grpc_port: int) -> tup
 
 def _traffic_images(assessor) -> dict[str, np.ndarray]:
     """Images of each kind, mostly unreliable so that the share alerts become true."""
-    from detectors.challenge.adversarial import attack
-    from detectors.challenge.corruptions import corrupt
-    from detectors.datasets import load_fashion_mnist, to_float
+    from detectors.fit.challenge.adversarial import attack
+    from detectors.fit.challenge.corruptions import corrupt
+    from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 
     per_kind = 4
     samples = sample_images(per_kind=per_kind)  # clean, MNIST digits (OOD), noisy

@@ -50,8 +50,8 @@ def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, 
 def images(assessor) -> dict[str, list]:
     """uint8 28x28 images with the verdict GradProbe gives offline: confident clean ones and
     MNIST digits judged ood (what TorchServe's path must reproduce)."""
-    from detectors.challenge.ood import mnist_digits
-    from detectors.datasets import load_fashion_mnist
+    from detectors.fit.challenge.ood import mnist_digits
+    from detectors.fit.fashion_mnist import load_fashion_mnist
 
     clean = load_fashion_mnist("test").images[-300:]
     digits = np.round(mnist_digits(300, seed=77) * 255).astype(np.uint8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from detectors.datasets import load_fashion_mnist
+from detectors.fit.fashion_mnist import load_fashion_mnist
 from service.classifier import (
     ArtifactError,
     TrainingRecipe,

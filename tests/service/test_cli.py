@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from detectors.datasets import load_fashion_mnist
+from detectors.fit.fashion_mnist import load_fashion_mnist
 from detectors.gradients import GradientFeatures
 from detectors.reference import loop_features
 from service.cli import main

@@ -38,9 +38,9 @@ def start_server(assessor, **overrides):
 
 def sample_images(per_kind: int = 3, seed: int = 0) -> np.ndarray:
     """A few clean, MNIST-digit and noisy images, float32 (n, 1, 28, 28), not from training."""
-    from detectors.challenge.corruptions import corrupt
-    from detectors.challenge.ood import mnist_digits
-    from detectors.datasets import load_fashion_mnist, to_float
+    from detectors.fit.challenge.corruptions import corrupt
+    from detectors.fit.challenge.ood import mnist_digits
+    from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 
     test = load_fashion_mnist("test")
     clean = to_float(test.images[-per_kind:])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detectors.challenge.dataset import (
+from detectors.fit.challenge.dataset import (
     FAMILIES,
     SPLITS,
     ChallengeRecipe,
@@ -69,7 +69,7 @@ def test_adversarial_images_fool_the_classifier(splits, default_classifier) -> N
     adv = data.family == FAMILIES.index("adversarial")
     with torch.no_grad():
         predicted = default_classifier.module(torch.from_numpy(data.images[adv])).argmax(1)
-    from detectors.datasets import load_fashion_mnist
+    from detectors.fit.fashion_mnist import load_fashion_mnist
 
     labels = load_fashion_mnist("test").labels[data.source[adv]]
     assert (predicted.numpy() != labels).all()

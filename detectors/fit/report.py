@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.challenge.dataset import FAMILIES
-from detectors.evaluation import (
+from detectors.fit.builtin import PreparedData, fit_featurizer, vectors
+from detectors.fit.challenge.dataset import FAMILIES
+from detectors.fit.evaluation import (
     PEERS,
     family_of,
     h_scores,
@@ -20,7 +21,6 @@ from detectors.evaluation import (
     signal_columns,
 )
 from detectors.signals import SignalFeaturizer
-from detectors.training import PreparedData, fit_featurizer, vectors
 
 FeaturizerFactory = Callable[[tuple[str, ...]], SignalFeaturizer]
 
@@ -43,7 +43,7 @@ PORTABLE_ABLATION = [
 FASHION_INTRO = (
     "Regenerate with `gradprobe evaluate`. Test split: Fashion-MNIST test images whose "
     "sources never appear in H's training or validation data (see "
-    "`detectors/challenge/dataset.py`); peers from pytorch-ood on the same classifier "
+    "`detectors/fit/challenge/dataset.py`); peers from pytorch-ood on the same classifier "
     "and the same images. Scores: AUROC of 'challenge vs clean' (higher is better).\n\n"
     "H's inputs: the ranked log gradient norms (the method's signal), the peers' cheap "
     "signals (max softmax, energy, max logit, KNN and Mahalanobis distances) and 16 "

@@ -1,19 +1,19 @@
 """Challenge data: corrupted (CURE-TSR-style) and out-of-distribution 28x28 images."""
 
-from detectors.challenge.adversarial import (
+from detectors.fit.challenge.adversarial import (
     ATTACKS,
     AttackResult,
     AttackSpec,
     attack,
     success_report,
 )
-from detectors.challenge.corruptions import (
+from detectors.fit.challenge.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
     corrupt,
     plot_corruption_grid,
 )
-from detectors.challenge.ood import (
+from detectors.fit.challenge.ood import (
     OOD_SETS,
     font_letters,
     letter_fonts,

@@ -86,7 +86,7 @@ import scipy.fft
 from PIL import Image
 from scipy import ndimage, signal
 
-from detectors.challenge._checks import clipped_unit_range
+from detectors.fit.challenge._checks import clipped_unit_range
 
 CORRUPTIONS: tuple[str, ...] = (
     "noise",

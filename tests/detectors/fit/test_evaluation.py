@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors.evaluation import auroc, detection_accuracy, fpr_at_95_tpr, kind_group
+from detectors.fit.evaluation import auroc, detection_accuracy, fpr_at_95_tpr, kind_group
 
 
 def test_perfect_and_chance_separation() -> None:

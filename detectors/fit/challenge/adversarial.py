@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detectors.challenge._checks import clipped_unit_range
+from detectors.fit.challenge._checks import clipped_unit_range
 
 if TYPE_CHECKING:
     from torchattacks.attack import Attack
@@ -355,7 +355,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(
             f"images must be floating point in [0, 1] (e.g. float32), got dtype {arr.dtype}; "
-            "convert uint8 images with detectors.datasets.to_float"
+            "convert uint8 images with detectors.fit.fashion_mnist.to_float"
         )
     return clipped_unit_range(np.ascontiguousarray(arr, dtype=np.float32))
 

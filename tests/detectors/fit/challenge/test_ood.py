@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from detectors.challenge import ood
-from detectors.challenge.ood import (
+from detectors.fit.challenge import ood
+from detectors.fit.challenge.ood import (
     GENERIC_OOD_SETS,
     OOD_SETS,
     font_letters,

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectors.challenge.dataset import FAMILIES
 from detectors.detector import fit as fit_h
+from detectors.fit.builtin import PreparedData, vectors
+from detectors.fit.challenge.dataset import FAMILIES
 from detectors.signals import SignalFeaturizer
-from detectors.training import PreparedData, vectors
 
 PEERS = ("MSP", "ODIN", "Energy", "Mahalanobis", "KNN", "ViM", "GradNorm")
 
@@ -99,7 +99,7 @@ def peer_scores(
     )
     from tqdm import tqdm
 
-    from detectors.datasets import load_fashion_mnist, to_float
+    from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
     from detectors.signals import embed
 
     model = model.eval()

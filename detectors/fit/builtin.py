@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from detectors import gradients, layer_norms
-from detectors.challenge.dataset import (
+from detectors.fingerprint import code_fingerprint
+from detectors.fit.challenge.dataset import (
     FAMILIES,
     ChallengeRecipe,
     ChallengeSplit,
     challenge_dir,
     load_challenge_split,
 )
-from detectors.datasets import load_fashion_mnist, to_float
-from detectors.fingerprint import code_fingerprint
+from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 from detectors.signals import DEFAULT_GROUPS, SignalFeaturizer, embed
 
 

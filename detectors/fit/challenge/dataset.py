@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detectors.datasets import load_fashion_mnist, to_float
+from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 
 FAMILIES = ("in_distribution", "ood", "corrupted", "adversarial")
 SPLITS = ("train", "val", "test")
@@ -47,8 +47,8 @@ class ChallengeRecipe:
     attacks: tuple[str, ...] = ("fgsm", "bim", "pgd", "cw", "square")
 
     def key(self, classifier_sha256: str) -> str:
-        from detectors import challenge
         from detectors.fingerprint import code_fingerprint
+        from detectors.fit import challenge
 
         code = code_fingerprint(Path(challenge.__file__).parent.glob("*.py"))
         blob = json.dumps(
@@ -106,7 +106,7 @@ def source_indices(seed: int) -> dict[str, np.ndarray]:
 
 
 def _ood_images(split: str, n: int, seed: int) -> dict[str, np.ndarray]:
-    from detectors.challenge.ood import font_letters, mnist_digits, natural_patches
+    from detectors.fit.challenge.ood import font_letters, mnist_digits, natural_patches
 
     split_id = SPLITS.index(split)
     digits = mnist_digits(seed=seed)  # a seeded shuffle of the 5,000 digits
@@ -124,8 +124,8 @@ def build_split(
     """Make one split from scratch (use ``load_challenge_split`` for the cached one)."""
     from tqdm import tqdm
 
-    from detectors.challenge.adversarial import ATTACKS, attack
-    from detectors.challenge.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+    from detectors.fit.challenge.adversarial import ATTACKS, attack
+    from detectors.fit.challenge.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 
     rng = np.random.default_rng([recipe.seed, SPLITS.index(split)])
     test = load_fashion_mnist("test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from detectors.fit.challenge import FitRecipe, minimal_pgd, split_sources, split_val_sources
+from detectors.fit.domain import FitRecipe, minimal_pgd, split_sources, split_val_sources
 
 
 def test_sources_never_cross_splits() -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from detectors.challenge.adversarial import ATTACKS, AttackResult, attack, success_report
-from detectors.datasets import DatasetMissing, load_fashion_mnist, to_float
+from detectors.fit.challenge.adversarial import ATTACKS, AttackResult, attack, success_report
+from detectors.fit.fashion_mnist import DatasetMissing, load_fashion_mnist, to_float
 
 LINF = [name for name, spec in ATTACKS.items() if spec.norm == "Linf"]
 N_ATTACKED = 96

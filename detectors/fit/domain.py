@@ -5,8 +5,8 @@ The user's images are split by source into train / val / test (no image crosses 
 
 * clean images (in_distribution);
 * out-of-distribution sets that do not depend on any one data set, at the model's size and
-  channels (``detectors.challenge.ood.generic_ood``), plus the user's own ``--ood-data``;
-* every corruption of ``detectors.challenge.corruptions.ALL_CORRUPTIONS`` at five levels, scaled
+  channels (``detectors.fit.challenge.ood.generic_ood``), plus the user's own ``--ood-data``;
+* every corruption of ``detectors.fit.challenge.corruptions.ALL_CORRUPTIONS`` at five levels, scaled
   to the image size;
 * adversarial examples against this classifier (FGSM, PGD, C&W-L2, Square, and minimal PGD),
   keeping only successful attacks on images it got right. L∞ budgets are scaled to the
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detectors.challenge.dataset import FAMILIES, SPLITS, ChallengeSplit
 from detectors.fingerprint import code_fingerprint
+from detectors.fit.challenge.dataset import FAMILIES, SPLITS, ChallengeSplit
 
 EPS_GRID = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
 SOURCE_SHARES = {"train": 0.6, "val": 0.15, "test": 0.25}
@@ -112,7 +112,7 @@ class Sources:
 
 
 def cache_key(classifier_sha256: str, data_digest: str, recipe: FitRecipe, extra: dict) -> str:
-    from detectors import challenge
+    from detectors.fit import challenge
 
     code = code_fingerprint(
         [*Path(challenge.__file__).parent.glob("*.py"), Path(__file__)],
@@ -135,7 +135,7 @@ def scaled_eps(
 ) -> tuple[float, ...]:
     """L∞ budgets for this classifier: (m/2, m, 2m) with m the smallest budget of ``EPS_GRID``
     at which PGD fools half of a sample of correctly classified images."""
-    from detectors.challenge.adversarial import attack
+    from detectors.fit.challenge.adversarial import attack
 
     pick = np.random.default_rng([seed, 9]).permutation(len(images))[:96]
     middle = EPS_GRID[-1]
@@ -215,9 +215,9 @@ def build_split(
     """One split's images with their family, kind and source index."""
     from tqdm import tqdm
 
-    from detectors.challenge.adversarial import ATTACKS, attack
-    from detectors.challenge.corruptions import ALL_CORRUPTIONS, SEVERITIES, corrupt
-    from detectors.challenge.ood import GENERIC_OOD_SETS, generic_ood
+    from detectors.fit.challenge.adversarial import ATTACKS, attack
+    from detectors.fit.challenge.corruptions import ALL_CORRUPTIONS, SEVERITIES, corrupt
+    from detectors.fit.challenge.ood import GENERIC_OOD_SETS, generic_ood
 
     rng = np.random.default_rng([recipe.seed, SPLITS.index(split), 11])
     pool, pool_labels = sources.images[split], sources.labels[split]
