@@ -41,11 +41,11 @@ def resolve_model_dirs(paths: Sequence[Path]) -> list[Path]:
 
 def load_detector(classifier: LoadedClassifier, *, quiet: bool = True) -> OnnxDetector:
     """The classifier's H: its model dir's own, or the built-in example's cached one."""
-    from service import artifacts
-
     own = classifier.model_dir / DETECTOR_DIR
     if (own / DETECTOR_MANIFEST).exists():
         return OnnxDetector(own, classifier.manifest.sha256)
+    from service import artifacts  # the built-in example's builder: only for its model
+
     default = artifacts.default_detector_dir(classifier)
     if (default / DETECTOR_MANIFEST).exists():
         return OnnxDetector(default, classifier.manifest.sha256)
