@@ -63,6 +63,7 @@ def load_program(
             program = torch.export.load(str(path))
         except Exception as exc:
             raise ArtifactError(f"{path} is not a readable torch.export program: {exc}") from exc
+        _require_dynamic_batch(program, path)
         names = set(program.graph_signature.inputs_to_parameters.values())
         return program, names, program.module()
     if fmt == "torchscript":
@@ -75,9 +76,24 @@ def load_program(
     raise ArtifactError(f"unknown classifier format {fmt!r}")
 
 
+def _require_dynamic_batch(program: torch.export.ExportedProgram, path: Path) -> None:
+    """A program exported for one batch size only cannot take GradProbe's batches."""
+    inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph_module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in inputs else None
+        if isinstance(value, Tensor) and value.dim() and isinstance(value.shape[0], int):
+            raise ArtifactError(
+                f"{path} was exported for batches of exactly {value.shape[0]}; export it with a "
+                "dynamic batch: torch.export.export(model, (x,), dynamic_shapes=({0: "
+                'torch.export.Dim("batch")},))'
+            )
+
+
 def torchscript_to_program(
     script: torch.jit.ScriptModule, input_shape: tuple[int, ...]
 ) -> torch.export.ExportedProgram:
+    """TorchScript as an ATen-level ExportedProgram, through torch's own converter (which
+    needs an example batch of the model's input shape)."""
     import warnings
 
     from torch._export.converter import TS2EPConverter
@@ -137,6 +153,7 @@ class _Lifter:
         }
         self.tensors = {**program.state_dict, **program.constants}
         self.user_inputs = list(signature.user_inputs)
+        self.user_outputs = [str(o) for o in signature.user_outputs]
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
@@ -214,7 +231,12 @@ class _Lifter:
                 self.env[node] = self.call(node)
             elif node.op == "output":
                 outputs = node.args[0]
-                user = outputs[0] if isinstance(outputs, list | tuple) else outputs
+                if isinstance(outputs, list | tuple):
+                    # Mutated buffers come first in an ExportedProgram's outputs.
+                    names = [str(getattr(o, "name", o)) for o in outputs]
+                    user = outputs[names.index(self.user_outputs[0])]
+                else:
+                    user = outputs
                 self.graph.output(self.mapped(user))
             else:
                 raise ArtifactError(f"unsupported node {node.format_node()} in the program")
@@ -247,9 +269,11 @@ class _Lifter:
             source = node.args[0]
             produced = self.env[source]
             if isinstance(produced, tuple) and produced[0] == "bn":
-                if node.args[1] != 0:
+                if node.args[1] == 0:
+                    return produced[1]
+                if node.users:
                     raise ArtifactError("batch norm statistics outputs are not supported")
-                return produced[1]
+                return None  # an unused statistics output (decomposed programs keep them)
             return self.graph.call_function(operator.getitem, self.mapped(node.args))
         params = [(i, self.param_name(a)) for i, a in enumerate(node.args)]
         params = [(i, p) for i, p in params if p is not None]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from detectors.importer import lift, load_program
-from detectors.spec import MANIFEST_FILE, ArtifactError, Manifest, ModelSpec
+from detectors.spec import MANIFEST_FILE, MODEL_FILES, ArtifactError, Manifest, ModelSpec
 
 DETECTOR_DIR = "detector"
 REPORT_DIR = "report"
@@ -39,6 +39,7 @@ __all__ = [
     "MANIFEST_FILE",
     "REPORT_DIR",
     "ArtifactError",
+    "ClassCountMismatch",
     "LoadedClassifier",
     "Manifest",
     "atomic_dir",
@@ -48,11 +49,16 @@ __all__ = [
 ]
 
 
+class ClassCountMismatch(ArtifactError):
+    """The classifier's logits do not have one column per class of its data."""
+
+
 @dataclass
 class LoadedClassifier:
     """A classifier file checked against its manifest: ``module`` is the eager module the
-    gradient engine hooks into, ``exported`` answers plain predictions (they agree: checked
-    on load)."""
+    gradient engine hooks into, lifted from the file and checked against it on load (with the
+    manifest's normalization in front); ``exported`` answers plain predictions, and is the same
+    module (one copy of the weights on the device)."""
 
     model_dir: Path
     manifest: Manifest
@@ -88,6 +94,11 @@ def sha256_file(path: Path) -> str:
 
 def verified_file(model_dir: Path, manifest: Manifest) -> Path:
     """The classifier file, after checking that it is the one the manifest describes."""
+    if manifest.file not in MODEL_FILES.values():
+        raise ArtifactError(
+            f"{model_dir}: the manifest names {manifest.file!r}; a model dir's classifier is "
+            f"one of {sorted(MODEL_FILES.values())}"
+        )
     path = model_dir / manifest.file
     if not path.exists():
         raise ArtifactError(f"{path} is missing: the model dir is incomplete")
@@ -109,19 +120,20 @@ def load_classifier(model_dir: Path, device: str | torch.device = "cpu") -> Load
     spec = manifest.spec
     path = verified_file(model_dir, manifest)
     program, parameters, original = load_program(path, manifest.format, spec.input_shape)
-    module = lift(program, parameters, spec.mean, spec.std).to(device)
+    module = lift(program, parameters, spec.mean, spec.std)
     layers = [name for name, _ in _parameterized(module)]
     if manifest.layers and layers != list(manifest.layers):
         raise ArtifactError(
             f"{path}: the model's layers {layers} differ from its manifest's {manifest.layers}"
         )
-    check_agreement(original, module, spec, device)
+    # On the CPU, where both run the same kernels (a GPU's TF32 convolutions would differ by
+    # more than the tolerance without anything being wrong).
+    check_agreement(original, module, spec)
+    module = module.to(device)
     return LoadedClassifier(model_dir=model_dir, manifest=manifest, module=module, exported=module)
 
 
-def check_agreement(
-    original: nn.Module, lifted: nn.Module, spec: ModelSpec, device: str | torch.device = "cpu"
-) -> None:
+def check_agreement(original: nn.Module, lifted: nn.Module, spec: ModelSpec) -> None:
     """The lifted module must give the original's logits (normalization applied first)."""
     probe = torch.rand(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
     normalized = probe
@@ -137,11 +149,11 @@ def check_agreement(
                 f"the classifier does not accept a float32 batch of shape "
                 f"{tuple(probe.shape)}: {exc}"
             ) from exc
-        got = lifted(probe.to(device)).cpu()
+        got = lifted(probe)
     if isinstance(expected, tuple | list):
         expected = expected[0]
     if expected.shape != (2, spec.n_classes):
-        raise ArtifactError(
+        raise ClassCountMismatch(
             f"the classifier returns shape {tuple(expected.shape)} for a batch of 2; expected "
             f"logits (2, {spec.n_classes}) for its {spec.n_classes} classes"
         )

@@ -15,6 +15,9 @@ MANIFEST_FILE = "manifest.json"
 FORMATS = ("torch.export", "torchscript")
 # Model files by format, as `gradprobe fit` names them inside a model dir.
 MODEL_FILES = {"torch.export": "classifier.pt2", "torchscript": "classifier.pt"}
+# The smallest image side the challenge data (corruptions, OOD sets) and image statistics
+# are made for.
+MIN_SIDE = 8
 
 
 class ArtifactError(RuntimeError):
@@ -93,6 +96,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise ArtifactError(f"input_shape must be (C, H, W), got {list(self.input_shape)}")
+        if min(self.input_shape[1:]) < MIN_SIDE:
+            raise ArtifactError(
+                f"images of {self.input_shape[1]}×{self.input_shape[2]} pixels are too small: "
+                f"GradProbe needs at least {MIN_SIDE}×{MIN_SIDE}"
+            )
         if self.channels not in (1, 3):
             raise ArtifactError(f"models take 1 or 3 channels, this one {self.channels}")
         if len(self.classes) < 2:

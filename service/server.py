@@ -146,8 +146,8 @@ def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
             f"{expected} bytes; got {len(raw.data)}{hint}"
         )
     pixels = np.frombuffer(raw.data, dtype=dtype)
-    if len(shape) == 3 and shape[-1] == spec.channels and shape[0] != spec.channels:
-        return pixels.reshape(shape).transpose(2, 0, 1)
+    if shape == [spec.height, spec.width, spec.channels] and shape != list(spec.input_shape):
+        return pixels.reshape(shape).transpose(2, 0, 1)  # channels last
     return pixels.reshape(spec.input_shape)
 
 

@@ -1,10 +1,11 @@
 """Fitting: the user's labelled images, from an ImageFolder tree or an ``.npz``.
 
 An ImageFolder tree has one sub-folder per class holding PNG/JPEG files; the sorted folder names
-are the class indices (torchvision's convention). An ``.npz`` holds ``images`` — uint8
-(n, H, W), (n, H, W, C) or (n, C, H, W), or floats in [0, 1] — and ``labels`` (n,), and
-optionally ``classes``. Either way the result is float32 (n, C, H, W) in [0, 1] at the model's
-size: images of another size are resized (bilinear), which the summary reports.
+are the class indices (torchvision's convention); images of another size are resized
+(bilinear, reported) and converted to the model's channels. An ``.npz`` holds ``images`` —
+uint8 (n, H, W), (n, H, W, C) or (n, C, H, W), or floats in [0, 1] — at the model's size, and
+``labels`` (n,), and optionally ``classes``. Either way the result is float32 (n, C, H, W) in
+[0, 1].
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _read_files(
                     image = image.resize((width, height), Image.Resampling.BILINEAR)
                     resized += 1
                 pixels = np.asarray(image, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{file} is not a readable image: {exc}") from exc
         out[i] = pixels.reshape(height, width, channels).transpose(2, 0, 1)
     return out, resized
@@ -199,5 +200,10 @@ def _load_npz(path: Path, shape: tuple[int, int, int], need_labels: bool = True)
         raise DataError(f"{path}: {len(labels)} labels for {len(images)} images")
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     classes = classes or [str(i) for i in range(n_classes)]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(
+            f"{path}: labels must be class indices 0..{len(classes) - 1}, got "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LabelledImages(np.ascontiguousarray(images), labels, classes, digest)

@@ -15,6 +15,7 @@ there; every expensive step is cached, so an interrupted fit resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -43,6 +44,7 @@ from detectors.importer import lift, load_program
 from detectors.model_dir import (
     DETECTOR_DIR,
     REPORT_DIR,
+    ClassCountMismatch,
     LoadedClassifier,
     atomic_dir,
     check_agreement,
@@ -177,8 +179,13 @@ def prepare_data(
         if len(images[split]) < 2:
             raise DataError(f"too few images for a {split} split: give at least 20 images")
     sources = Sources(images, labels)
-    digests = [train.digest, val.digest if val else "", *sorted(user_ood)]
-    digests += [str(np.asarray(x).sum()) for _, x in sorted(user_ood.items())]
+    # Everything the challenge images depend on: the data, the model as lifted (its file,
+    # input shape and the normalization GradProbe applies), and the user's OOD sets' bytes.
+    digests = [train.digest, val.digest if val else "", json.dumps(loaded.manifest.input_shape)]
+    digests += [json.dumps(loaded.manifest.normalization)]
+    digests += [
+        f"{name}:{hashlib.sha256(x.tobytes()).hexdigest()}" for name, x in sorted(user_ood.items())
+    ]
     # The challenge images depend on the data, the classifier and the recipe; their gradient
     # signals also on the engine's code, so they are cached per engine version beside them.
     engine = code_fingerprint(_engine_files())[:12]
@@ -261,10 +268,12 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
     val = None
     if options.val_data is not None:
         val = load_labelled(options.val_data, shape, train.classes, quiet=not options.progress)
-    user_ood = {
-        Path(p).name or f"ood{i}": load_unlabelled(p, shape, quiet=not options.progress)
-        for i, p in enumerate(options.ood_data)
-    }
+    user_ood: dict[str, np.ndarray] = {}
+    for path in options.ood_data:
+        name = Path(path).stem or "ood"
+        while name in user_ood:  # two folders of one name stay two sets
+            name += "_"
+        user_ood[name] = load_unlabelled(path, shape, quiet=not options.progress)
     spec = ModelSpec(
         input_shape=shape,
         classes=tuple(train.classes),
@@ -275,13 +284,11 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
     with atomic_dir(output) as staging:
         try:
             loaded = write_classifier(classifier, staging, spec, train, options)
-        except ArtifactError as exc:
-            if "logits" in str(exc):
-                raise DataError(
-                    f"{exc}; the training data has {len(train.classes)} class folders "
-                    f"({', '.join(train.classes[:8])}{'…' if len(train.classes) > 8 else ''})"
-                ) from None
-            raise
+        except ClassCountMismatch as exc:
+            shown = ", ".join(train.classes[:8]) + ("…" if len(train.classes) > 8 else "")
+            raise DataError(
+                f"{exc}; the training data has {len(train.classes)} classes ({shown})"
+            ) from None
         data, sources, summary = prepare_data(loaded, train, val, user_ood, options)
         predicted = _predictions(loaded.module, sources.images["test"])
         accuracy = float((predicted == sources.labels["test"]).mean())

@@ -148,3 +148,10 @@ def test_in_place_ops_read_as_their_results(tmp_path) -> None:
         expected = loop_features(model, x).numpy()
         got = GradientFeatures(module).compute(x).numpy()
         assert (abs(got - expected) <= 1e-4 * abs(expected) + 1e-9).all()
+
+
+def test_a_program_exported_for_one_batch_size_is_refused_with_the_fix(tmp_path) -> None:
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(make_model(), (torch.rand(1, 3, 20, 24),)), path)
+    with pytest.raises(ArtifactError, match="dynamic batch"):
+        load_program(path, "torch.export", (3, 20, 24))
