@@ -112,6 +112,8 @@ class TrainedH:
     featurizer: SignalFeaturizer
     columns: list[str]
     guard: NoveltyGuard | None = None
+    # Validation rows the guard did not see (for the operating point); None: all of them.
+    holdout: np.ndarray | None = None
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
         log_p = np.log(np.clip(self.pipeline.predict_proba(vectors), 1e-12, 1.0))
@@ -165,8 +167,14 @@ def fit(
     temperature = fit_temperature(pipeline.predict_proba(val_x), val_y)
     trained = TrainedH(pipeline, temperature, featurizer, columns)
     if guard:
-        val_probs = trained.predict_proba_vectors(val_x)
-        trained.guard = NoveltyGuard.fit(columns, val_x, val_probs, val_y)
+        # Half of val's clean images are the guard's reference; the other half stays out of
+        # it, so the operating point is set on images the guard ranks as it will rank new ones.
+        clean = np.flatnonzero(val_y == 0)
+        trained.holdout = np.zeros(len(val_y), dtype=bool)
+        trained.holdout[clean[1::2]] = True
+        keep = ~trained.holdout
+        val_probs = trained.predict_proba_vectors(val_x[keep])
+        trained.guard = NoveltyGuard.fit(columns, val_x[keep], val_probs, val_y[keep])
     return trained
 
 

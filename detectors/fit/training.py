@@ -70,7 +70,7 @@ class FitOptions:
 
     val_data: Path | None = None
     ood_data: list[Path] = field(default_factory=list)
-    target_fpr: float = 0.03
+    target_fpr: float = 0.02
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     input_shape: tuple[int, int, int] | None = None
@@ -342,8 +342,10 @@ def train_detector(
     trained = detector_module.fit(
         featurizer, columns, x["train"], y["train"], x["val"], y["val"], guard=True
     )
-    val_probs = trained.predict_proba_vectors(x["val"])
-    threshold = detector_module.threshold_for_fpr(val_probs[y["val"] == 0], options.target_fpr)
+    unseen = trained.holdout if trained.holdout is not None else np.ones(len(y["val"]), bool)
+    val_probs = trained.predict_proba_vectors(x["val"][unseen])
+    clean_probs = val_probs[y["val"][unseen] == 0]
+    threshold = detector_module.threshold_for_fpr(clean_probs, options.target_fpr)
     probs = trained.predict_proba_vectors(x["test"])
     predicted = detector_module.verdict_indices(probs, threshold)
     metrics = {
