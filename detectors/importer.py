@@ -47,7 +47,7 @@ _METHODS = {
     aten.mean.dim: "mean",
     aten.sym_size.int: "size",
 }
-_IDENTITY = {aten.dropout.default, aten.clone.default, aten.detach.default, aten.alias.default}
+_IDENTITY = {aten.clone.default, aten.detach.default, aten.alias.default}
 
 
 def load_program(
@@ -117,10 +117,16 @@ class OpLayer(nn.Module):
     constants are held here. The engine differentiates it with its exact per-sample VJP."""
 
     def __init__(
-        self, op: Any, template: list[Any], slots: list[int], params: dict[int, str]
+        self,
+        op: Any,
+        template: list[Any],
+        slots: list[int],
+        params: dict[int, str],
+        kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.op = op
+        self.kwargs = kwargs or {}  # constant keyword arguments of the op
         self.template = template  # the op's arguments, None where filled at call time
         self.slots = slots  # argument positions of the activations, in call order
         self.param_slots = params  # argument position → parameter name
@@ -131,7 +137,7 @@ class OpLayer(nn.Module):
             args[slot] = value
         for slot, name in self.param_slots.items():
             args[slot] = getattr(self, name)
-        return self.op(*args)
+        return self.op(*args, **self.kwargs)
 
 
 class _Lifter:
@@ -279,7 +285,9 @@ class _Lifter:
         params = [(i, p) for i, p in params if p is not None]
         if params:
             return self.layer(node, params)
-        if target in _IDENTITY:
+        if target in _IDENTITY or (
+            target is aten.dropout.default and not (len(node.args) > 2 and node.args[2])
+        ):  # dropout in eval mode passes its input through
             return self.mapped(node.args[0])
         rebind = None
         name = getattr(target, "_opname", "")
@@ -425,7 +433,9 @@ class _Lifter:
                 )
             else:
                 template.append(arg)
-        layer = OpLayer(node.target, template, slots, param_slots)
+        if any(_holds_node(v) for v in node.kwargs.values()):
+            raise ArtifactError(f"{node.format_node()}: tensor keyword arguments are not supported")
+        layer = OpLayer(node.target, template, slots, param_slots, dict(node.kwargs))
         for leaf, value in tensors.items():
             layer.register_parameter(leaf, nn.Parameter(value.clone()))
         return layer

@@ -204,7 +204,7 @@ def _assess_local(args: argparse.Namespace) -> list[dict]:
 
         detector = load_default_detector(loaded, quiet=args.quiet)
     else:
-        detector = load_detector(loaded, quiet=args.quiet)
+        detector = load_detector(loaded)
     assessor = Assessor(loaded, detector, device=_device(args.device))
     rows = []
     for start in range(0, len(images), args.batch_size):

@@ -39,7 +39,7 @@ def resolve_model_dirs(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
-def load_detector(classifier: LoadedClassifier, *, quiet: bool = True) -> OnnxDetector:
+def load_detector(classifier: LoadedClassifier) -> OnnxDetector:
     """The classifier's H: its model dir's own, or the built-in example's cached one."""
     own = classifier.model_dir / DETECTOR_DIR
     if (own / DETECTOR_MANIFEST).exists():
@@ -65,7 +65,7 @@ def load_assessor(
     model_dir: Path, device: str = "cpu", *, name: str | None = None, quiet: bool = True
 ) -> Assessor:
     classifier = load_classifier(model_dir, device=device)
-    return Assessor(classifier, load_detector(classifier, quiet=quiet), device, name=name)
+    return Assessor(classifier, load_detector(classifier), device, name=name)
 
 
 def load_assessors(

@@ -111,7 +111,7 @@ class Sources:
     labels: dict[str, np.ndarray]
 
 
-def cache_key(classifier_sha256: str, data_digest: str, recipe: FitRecipe, extra: dict) -> str:
+def cache_key(classifier_sha256: str, data_digest: str, recipe: FitRecipe) -> str:
     from detectors.fit import challenge
 
     code = code_fingerprint(
@@ -123,7 +123,6 @@ def cache_key(classifier_sha256: str, data_digest: str, recipe: FitRecipe, extra
             "data": data_digest,
             "recipe": asdict(recipe),
             "code": code,
-            **extra,
         },
         sort_keys=True,
     )

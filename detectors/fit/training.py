@@ -189,7 +189,7 @@ def prepare_data(
     # The challenge images depend on the data, the classifier and the recipe; their gradient
     # signals also on the engine's code, so they are cached per engine version beside them.
     engine = code_fingerprint(_engine_files())[:12]
-    key = cache_key(loaded.manifest.sha256, "|".join(digests), recipe, {})
+    key = cache_key(loaded.manifest.sha256, "|".join(digests), recipe)
     folder = gradprobe_home() / "fit" / key
     folder.mkdir(parents=True, exist_ok=True)
     eps_file = folder / "eps.json"
