@@ -82,7 +82,9 @@ class GradientFeatures:
         max_batch: samples per internal chunk. Memory grows as chunk × N × (activation size
             of the parameterized layers); ``None`` picks the largest chunk whose output
             gradients fit in ``memory_budget_mb``.
-        memory_budget_mb: the budget used when ``max_batch`` is ``None``.
+        memory_budget_mb: the budget for the output gradients of one pass: it sets the chunk
+            when ``max_batch`` is ``None``, and when a chunk's labels do not fit (many
+            classes, large images) they are taken in blocks, each a pass of its own.
         traced: use the label-folded backward of ``traced_backward`` when the model's
             ``torch.fx`` graph is made of layers it knows (faster; same values); otherwise,
             or with ``False``, autograd under vmap.
@@ -107,7 +109,9 @@ class GradientFeatures:
         self.labels = labels
         self.max_batch = max_batch
         self.memory_budget_mb = memory_budget_mb
-        self._chunk_for_shape: dict[tuple[int, ...], int] = {}
+        # Per input shape: (bytes of output gradients per label and sample, labels).
+        self._chunk_for_shape: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._label_slice: slice | None = None  # the label block of the pass under way
         self._protect_outputs = False
         self._eye: tuple[tuple, Tensor] | None = None  # one-hot labels, made once per shape
         # The label-folded backward for traceable models (``traced_backward``): built on
@@ -139,9 +143,10 @@ class GradientFeatures:
             # A copy: inference tensors cannot be saved for backward, and a model that
             # edits its input in place must not touch the caller's tensor.
             x = x.detach().clone().to(device=device, dtype=torch.float32)
-            step = self.max_batch or self._auto_chunk(x)
+            step, block, n_labels = self._plan(x)
             parts = [
-                self._compute_chunk(x[i : i + step], timings) for i in range(0, x.shape[0], step)
+                self._compute_blocks(x[i : i + step], timings, block, n_labels)
+                for i in range(0, x.shape[0], step)
             ]
         if len(parts) == 1:
             features, logits, embeddings = parts[0]
@@ -244,8 +249,11 @@ class GradientFeatures:
         embeddings = captures[-1].inputs[0].flatten(1)
         return features, logits.detach(), embeddings
 
-    def _auto_chunk(self, x: Tensor) -> int:
-        """Samples per chunk so that N output gradients per layer fit the memory budget."""
+    def _plan(self, x: Tensor) -> tuple[int, int, int]:
+        """(samples per chunk, labels per block, labels) so that the output gradients of
+        every layer fit the memory budget. Samples are chunked first; when one sample's
+        labels alone do not fit (a thousand classes at 224 px), the labels go in blocks too,
+        each block a pass of its own (exact: the labels' gradients are independent)."""
         shape = tuple(x.shape[1:])
         if shape not in self._chunk_for_shape:
             sizes: list[int] = []
@@ -261,11 +269,28 @@ class GradientFeatures:
                     handle.remove()
             n_labels = 1 if self.labels == "confounding" else n_classes
             # Output gradients of every layer, plus as much again for the backward's own
-            # intermediates, for every label, in float32.
-            per_sample = 2 * 4 * n_labels * sum(sizes)
-            budget = self.memory_budget_mb * 2**20
-            self._chunk_for_shape[shape] = max(1, int(budget // per_sample))
-        return self._chunk_for_shape[shape]
+            # intermediates, per label and sample, in float32.
+            self._chunk_for_shape[shape] = (2 * 4 * sum(sizes), n_labels)
+        per_label_sample, n_labels = self._chunk_for_shape[shape]
+        budget = self.memory_budget_mb * 2**20
+        step = self.max_batch or max(1, int(budget // (per_label_sample * n_labels)))
+        block = max(1, min(n_labels, int(budget // (per_label_sample * step))))
+        return step, block, n_labels
+
+    def _compute_blocks(
+        self, x: Tensor, timings: dict[str, float], block: int, n_labels: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if block >= n_labels:
+            return self._compute_chunk(x, timings)
+        parts = []
+        try:
+            for start in range(0, n_labels, block):
+                self._label_slice = slice(start, start + block)
+                parts.append(self._compute_chunk(x, timings))
+        finally:
+            self._label_slice = None
+        _, logits, embeddings = parts[0]
+        return torch.cat([p[0] for p in parts], dim=1), logits, embeddings
 
     def _cotangents(self, logits: Tensor) -> Tensor:
         """∂J/∂z per label, shape (labels, B, N): softmax − onehot, or N·softmax − 1."""
@@ -276,7 +301,8 @@ class GradientFeatures:
         key = (n_classes, probs.dtype, probs.device)
         if self._eye is None or self._eye[0] != key:
             self._eye = (key, torch.eye(n_classes, dtype=probs.dtype, device=probs.device))
-        return probs.unsqueeze(0) - self._eye[1].unsqueeze(1)
+        eye = self._eye[1] if self._label_slice is None else self._eye[1][self._label_slice]
+        return probs.unsqueeze(0) - eye.unsqueeze(1)
 
 
 def _recorder(

@@ -291,8 +291,22 @@ def test_automatic_chunks_follow_the_memory_budget() -> None:
     whole = GradientFeatures(model, max_batch=None, memory_budget_mb=1e6)
     tight = GradientFeatures(model, max_batch=None, memory_budget_mb=0.05)
     torch.testing.assert_close(whole.compute(x), tight.compute(x), rtol=1e-5, atol=0)
-    assert whole._auto_chunk(x) >= 9
-    assert 1 <= tight._auto_chunk(x) < 9
+    assert whole._plan(x)[0] >= 9
+    assert 1 <= tight._plan(x)[0] < 9
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_labels_in_blocks_when_one_sample_does_not_fit(traced) -> None:
+    """A thousand classes at 224 px do not fit one pass: the labels go in blocks, exactly."""
+    model, shape = _build("resnet_bn")
+    x = torch.rand(3, *shape)
+    whole = GradientFeatures(model, memory_budget_mb=1e6, traced=traced)
+    blocked = GradientFeatures(model, max_batch=2, memory_budget_mb=0.002, traced=traced)
+    step, block, n_labels = blocked._plan(x)
+    assert step == 2 and 1 <= block < n_labels
+    torch.testing.assert_close(whole.compute(x), blocked.compute(x), rtol=1e-5, atol=0)
+    signals = blocked.signals(x)
+    torch.testing.assert_close(signals.logits, whole.signals(x).logits)
 
 
 def test_features_do_not_depend_on_the_rest_of_the_batch() -> None:
