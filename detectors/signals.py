@@ -84,9 +84,21 @@ def portable_image_statistics(images: np.ndarray) -> np.ndarray:
     clipping, sharpness, a robust noise level, colourfulness and saturation (0 for one
     channel), and 8×8 block edges (JPEG). They mean something only relative to the user's
     clean images: ``SignalFeaturizer`` turns them into z-scores against those."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {images.shape}")
+    # In chunks of about two million values: at 224 px a few hundred images in float64
+    # (and their differences) would take gigabytes at once.
+    step = max(1, _STATISTICS_CHUNK_VALUES // max(1, images[0].size))
+    parts = [_portable_statistics(images[i : i + step]) for i in range(0, len(images), step)]
+    return np.concatenate(parts) if parts else np.zeros((0, len(RELATIVE_IMAGE_COLUMNS)))
+
+
+_STATISTICS_CHUNK_VALUES = 1 << 21
+
+
+def _portable_statistics(images: np.ndarray) -> np.ndarray:
     x = np.asarray(images, dtype=np.float64)
-    if x.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {x.shape}")
     y = x.mean(1)
     flat = y.reshape(len(y), -1)
     dx, dy = np.abs(np.diff(y, axis=2)), np.abs(np.diff(y, axis=1))
@@ -222,9 +234,7 @@ class SignalFeaturizer:
     def _fit_image_reference(self, images: np.ndarray) -> None:
         from sklearn.covariance import LedoitWolf
 
-        stats = np.concatenate(
-            [portable_image_statistics(images[i : i + 512]) for i in range(0, len(images), 512)]
-        )
+        stats = portable_image_statistics(images)
         self.image_mean = stats.mean(0)
         std = stats.std(0)
         self.image_std = np.where(std > 1e-8, std, 1.0)

@@ -134,3 +134,22 @@ def test_image_statistics_average_channels_and_ignore_quantization() -> None:
     np.testing.assert_allclose(image_statistics(quantized), image_statistics(clean), atol=1e-2)
     with pytest.raises(ValueError, match="images must be"):
         image_statistics(np.zeros((4, 784)))
+
+
+def test_portable_image_statistics_hold_for_any_shape_and_chunk() -> None:
+    from detectors.signals import RELATIVE_IMAGE_COLUMNS, portable_image_statistics
+
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0, 1, (300, 3, 20, 24)).astype(np.float32)
+    stats = portable_image_statistics(rgb)
+    assert stats.shape == (300, len(RELATIVE_IMAGE_COLUMNS)) and np.isfinite(stats).all()
+    halves = np.concatenate(
+        [portable_image_statistics(rgb[:137]), portable_image_statistics(rgb[137:])]
+    )
+    np.testing.assert_array_equal(stats, halves)  # per image: chunking never changes a value
+    gray = portable_image_statistics(rgb[:, :1])
+    colour = [RELATIVE_IMAGE_COLUMNS.index(c) for c in ("rel_colourfulness", "rel_saturation")]
+    assert (gray[:, colour] == 0).all() and (stats[:, colour] > 0).all()
+    brighter = portable_image_statistics(np.clip(rgb * 0.5 + 0.5, 0, 1))
+    mean = RELATIVE_IMAGE_COLUMNS.index("rel_mean")
+    assert (brighter[:, mean] > stats[:, mean]).all()
