@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,13 @@ class OpLayer(nn.Module):
         for slot, name in self.param_slots.items():
             args[slot] = getattr(self, name)
         return self.op(*args, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class _Transposed:
+    """A weight's transpose, folded into the linear layer that multiplies by it."""
+
+    fqn: str
 
 
 class _Lifter:
@@ -281,6 +289,13 @@ class _Lifter:
                     raise ArtifactError("batch norm statistics outputs are not supported")
                 return None  # an unused statistics output (decomposed programs keep them)
             return self.graph.call_function(operator.getitem, self.mapped(node.args))
+        transposed = self.transposed_weight(node)
+        if transposed is not None:
+            return transposed
+        if target in (aten.addmm.default, aten.mm.default) and any(
+            isinstance(self.env.get(a), _Transposed) for a in node.args
+        ):
+            return self.decomposed_linear(node)
         params = [(i, self.param_name(a)) for i, a in enumerate(node.args)]
         params = [(i, p) for i, p in params if p is not None]
         if params:
@@ -309,6 +324,47 @@ class _Lifter:
         if rebind is not None:
             self.env[rebind] = out
         return out
+
+    def transposed_weight(self, node: fx.Node) -> _Transposed | None:
+        """A 2-D parameter transposed for a matrix product: decomposed programs spell a
+        linear layer as ``addmm(bias, x, permute(weight))``."""
+        fqn = self.param_name(node.args[0]) if node.args else None
+        if fqn is None or self.tensors[fqn].dim() != 2:
+            return None
+        if node.target is aten.t.default or (
+            node.target is aten.permute.default and list(node.args[1]) == [1, 0]
+        ):
+            users = {u.target for u in node.users}
+            if users and users <= {aten.addmm.default, aten.mm.default}:
+                return _Transposed(fqn)
+        return None
+
+    def decomposed_linear(self, node: fx.Node) -> fx.Node:
+        if node.kwargs:
+            raise ArtifactError(f"{node.format_node()}: a scaled matrix product is not supported")
+        if node.target is aten.addmm.default:
+            bias_node, x_node, w_node = node.args
+            bias = self.param_name(bias_node)
+            if bias is None:
+                raise ArtifactError(f"{node.format_node()}: the bias is not a parameter")
+        else:
+            (x_node, w_node), bias = node.args, None
+        weight = self.env[w_node]
+        if not isinstance(weight, _Transposed) or isinstance(self.env.get(x_node), _Transposed):
+            raise ArtifactError(f"{node.format_node()}: not a linear layer's product")
+        layer = weight.fqn.rpartition(".")[0]
+        fqns = [weight.fqn] + ([bias] if bias is not None else [])
+        if any(f.rpartition(".")[0] != layer for f in fqns):
+            raise ArtifactError(f"one operation uses parameters of several layers: {fqns}")
+        self.claim(layer, fqns)
+        w = self.tensors[weight.fqn].detach()
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if bias is not None:
+                linear.bias.copy_(self.tensors[bias].detach())
+        self.add_module(layer, linear)
+        return self.graph.call_module(layer, (self.mapped(x_node),))
 
     def layer(self, node: fx.Node, params: list[tuple[int, str]]) -> Any:
         """An op that uses trainable parameters: a standard layer module where it is one."""

@@ -155,3 +155,19 @@ def test_a_program_exported_for_one_batch_size_is_refused_with_the_fix(tmp_path)
     torch.export.save(torch.export.export(make_model(), (torch.rand(1, 3, 20, 24),)), path)
     with pytest.raises(ArtifactError, match="dynamic batch"):
         load_program(path, "torch.export", (3, 20, 24))
+
+
+def test_a_decomposed_program_lifts_to_the_same_layers(tmp_path) -> None:
+    """After run_decompositions(), linear layers are permute + addmm and batch norm returns
+    its statistics too; the lifted module still has the model's layers and exact features."""
+    model = make_model()
+    x = torch.rand(2, 3, 20, 24)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).run_decompositions()
+    torch.export.save(program, tmp_path / "decomposed.pt2")
+    loaded, parameters, _ = load_program(tmp_path / "decomposed.pt2", "torch.export", (3, 20, 24))
+    module = lift(loaded, parameters)
+    assert isinstance(dict(module.named_modules())["head"], nn.Linear)
+    expected = loop_features(model, x).numpy()
+    got = GradientFeatures(module).compute(x).numpy()
+    assert (abs(got - expected) <= 1e-4 * abs(expected) + 1e-9).all()
