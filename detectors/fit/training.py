@@ -40,14 +40,13 @@ from detectors.fit.domain import (
     split_val_sources,
 )
 from detectors.gradients import GradientFeatures
-from detectors.importer import lift, load_program
+from detectors.importer import load_program
 from detectors.model_dir import (
     DETECTOR_DIR,
     REPORT_DIR,
     ClassCountMismatch,
     LoadedClassifier,
     atomic_dir,
-    check_agreement,
     gradprobe_home,
     load_classifier,
     sha256_file,
@@ -119,14 +118,11 @@ def _probe_shape(
 def write_classifier(
     classifier: Path, staging: Path, spec: ModelSpec, data: LabelledImages, options: FitOptions
 ) -> LoadedClassifier:
-    """Copy the file into the model dir with its manifest, then load it back, checked."""
+    """Copy the file into the model dir with its manifest, then load it through the checked
+    path serving uses; the layers, known once it is lifted, complete the manifest."""
     fmt = classifier_format(classifier)
     target = staging / MODEL_FILES[fmt]
     shutil.copyfile(classifier, target)
-    program, parameters, original = load_program(target, fmt, spec.input_shape)
-    module = lift(program, parameters, spec.mean, spec.std)
-    check_agreement(original, module, spec)
-    layers = GradientFeatures(module).layer_names
     manifest = Manifest(
         architecture=f"user:{classifier.stem}",
         format=fmt,
@@ -136,14 +132,17 @@ def write_classifier(
         input_dtype="float32",
         input_range=[0.0, 1.0],
         classes=list(spec.classes),
-        layers=layers,
+        layers=[],
         data_sha256=data.digest,
         torch_version=torch.__version__,
         normalization=_normalization(spec),
         resize=options.resize,
     )
     manifest.write(staging)
-    return load_classifier(staging)
+    loaded = load_classifier(staging)
+    loaded.manifest.layers = GradientFeatures(loaded.module).layer_names
+    loaded.manifest.write(staging)
+    return loaded
 
 
 def _normalization(spec: ModelSpec) -> dict[str, list[float]] | None:
