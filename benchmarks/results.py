@@ -9,6 +9,13 @@ import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Benchmark results\n\nWritten by the benchmarks themselves; do not edit by hand.\n"
+# Soak, fault and fuzzing runs write their sections here (issue: reliability and security).
+RELIABILITY = Path(__file__).resolve().parent.parent / "RELIABILITY.md"
+RELIABILITY_HEADER = (
+    "# Reliability\n\nWritten by the soak, fault and fuzzing runs themselves "
+    "(`python -m benchmarks.soak`, `python -m benchmarks.faults`, `python -m benchmarks.fuzz`); "
+    "do not edit by hand.\n"
+)
 
 
 def environment() -> str:
@@ -21,7 +28,8 @@ def environment() -> str:
 
 def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else HEADER
+    header = RELIABILITY_HEADER if path == RELIABILITY else HEADER
+    text = path.read_text() if path.exists() else header
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
         before, rest = text.split(start, 1)
