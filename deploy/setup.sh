@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(dataset-fashion-mnist prometheus)
 # TorchServe's frontend is Java (17 or newer); the tests run a real TorchServe.
 command -v java >/dev/null || APT_PACKAGES+=(openjdk-17-jre-headless)
+# The Node client's tests (clients/node) need node and npm; nodesource's nodejs brings its npm.
+command -v node >/dev/null || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null || APT_PACKAGES+=(npm)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
@@ -45,5 +48,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -c "import torch, torchvision, service.cli" \
     || { log "the Python install failed; see the pip output above"; exit 1; }
   echo "$want" > "$stamp"
+fi
+
+# The Node client's packages, again only when its lock file changed (npm ci empties
+# node_modules first, so the stamp inside it never outlives the packages).
+node_stamp=clients/node/node_modules/.gradprobe-installed
+want=$(sha256sum clients/node/package-lock.json | cut -d' ' -f1)
+if [ ! -f "$node_stamp" ] || [ "$(cat "$node_stamp")" != "$want" ]; then
+  log "installing the Node client's packages (clients/node)"
+  (cd clients/node && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null)
+  echo "$want" > "$node_stamp"
 fi
 log "ready: $VENV/bin/gradprobe"
