@@ -21,7 +21,8 @@ options:
   --model NAME  --request-id ID
   --ca FILE                    TLS: the CA that signed the server's certificate
   --cert FILE --key FILE       mutual TLS: this client's certificate and key
-  --token-file FILE            sends "authorization: Bearer <token>" (or $GRADPROBE_TOKEN)
+  --token-file FILE            sends "authorization: Bearer <token>" with its first token
+                               (one a line, # comments); or $GRADPROBE_TOKEN
   --server-name NAME           the name the server's certificate must carry
   --timeout-ms N               each call's deadline (default 60000)`;
 
@@ -39,6 +40,14 @@ const OPTIONS = {
 };
 
 const print = (value) => process.stdout.write(`${JSON.stringify(value)}\n`);
+
+/** The first token of a token file in the server's format: one a line, # comments. */
+function readToken(file) {
+  const lines = fs.readFileSync(file, 'utf8').split(/\r?\n/).map((line) => line.trim());
+  const token = lines.find((line) => line && !line.startsWith('#'));
+  if (!token) throw new Error(`${file} holds no token`);
+  return token;
+}
 
 async function stream(client, model) {
   const call = client.assessStream();
@@ -81,7 +90,7 @@ async function main() {
     ca: values.ca,
     cert: values.cert,
     key: values.key,
-    token: tokenFile ? fs.readFileSync(tokenFile, 'utf8').trim() : process.env.GRADPROBE_TOKEN,
+    token: tokenFile ? readToken(tokenFile) : process.env.GRADPROBE_TOKEN,
     serverName: values['server-name'],
     timeoutMs: Number(values['timeout-ms']),
   });

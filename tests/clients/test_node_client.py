@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -43,14 +45,20 @@ def images():
     return sample_images(per_kind=2)
 
 
-def run_cli(node: str, *args: str, stdin: str | None = None) -> tuple[int, list[dict]]:
+def run_cli(
+    node: str, *args: str, stdin: str | None = None, token: str | None = None
+) -> tuple[int, list[dict]]:
     """Runs cli.js; its exit status and the JSON lines it printed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GRADPROBE_TOKEN", "GRADPROBE_TARGET")}
+    if token is not None:
+        env["GRADPROBE_TOKEN"] = token
     # The timeout only keeps a hung client from hanging the suite.
     done = subprocess.run(
         [node, str(NODE_CLIENT / "cli.js"), *args],
         input=stdin,
         capture_output=True,
         text=True,
+        env=env,
         timeout=120,
     )
     assert done.returncode in (0, 2), done.stderr  # 2: a call failed, reported as JSON
@@ -162,3 +170,109 @@ def test_health_is_serving(node, server):
         code, (answer,) = run_cli(node, "--target", server.target, "health", service)
         assert code == 0, answer
         assert answer == {"status": "SERVING"}
+
+
+# ----------------------------------------------------------------------------- TLS, tokens
+
+# The server's TLS and tokens come with service/security.py; without it there is nothing to
+# test here (and Settings has no TLS fields to start such a server with).
+needs_security = pytest.mark.skipif(
+    not (REPO / "service" / "security.py").exists(),
+    reason="service/security.py (server TLS, mTLS, bearer tokens) is not in this tree yet",
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tls_support import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("token") / "tokens"
+    path.write_text(f"# the Node client's\n{secrets.token_hex(32)}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_server(assessor, pki, token_file):
+    """Server-authenticated TLS with bearer tokens, as a cluster would run it."""
+    server = start_server(
+        assessor, tls_cert=pki.server_cert, tls_key=pki.server_key, auth_token_file=token_file
+    )
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def mtls_server(assessor, pki):
+    server = start_server(
+        assessor, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_cert
+    )
+    yield server
+    server.stop(0)
+
+
+@needs_security
+def test_tls_with_a_bearer_token_assesses_and_streams(
+    node, tls_server, pki, token_file, assessor, images, tmp_path
+):
+    files = save_npy(tmp_path, images[:3])
+    tls = ("--target", tls_server.target, "--ca", str(pki.ca_cert))
+    code, (response,) = run_cli(
+        node, *tls, "--token-file", str(token_file), "assess", "--request-id", "t1", *files
+    )
+    assert code == 0, response
+    assert response["request_id"] == "t1"
+    check_matches_core(response["results"], assessor.assess(images[:3]))
+    # A stream carries the token once, on the call.
+    ids = ["x", "y", "z"]
+    lines = [json.dumps({"request_id": i, "images": [f]}) for i, f in zip(ids, files, strict=True)]
+    code, responses = run_cli(
+        node, *tls, "--token-file", str(token_file), "stream", stdin="\n".join(lines)
+    )
+    assert code == 0, responses
+    assert [r["request_id"] for r in responses] == ids
+    assert [len(r["results"]) for r in responses] == [1, 1, 1]
+
+
+@needs_security
+def test_without_the_right_token_calls_are_unauthenticated(node, tls_server, pki):
+    tls = ("--target", tls_server.target, "--ca", str(pki.ca_cert))
+    code, (answer,) = run_cli(node, *tls, "info")
+    assert code == 2
+    assert answer["error"]["code_name"] == "UNAUTHENTICATED"
+    assert "authorization: Bearer <token>" in answer["error"]["details"]
+    code, (answer,) = run_cli(node, *tls, "info", token=secrets.token_hex(32))
+    assert code == 2
+    assert answer["error"]["code_name"] == "UNAUTHENTICATED"
+    assert "not one this server accepts" in answer["error"]["details"]
+    # Health is exempt from tokens: probes carry none.
+    assert run_cli(node, *tls, "health") == (0, [{"status": "SERVING"}])
+
+
+@needs_security
+def test_tls_needs_the_servers_ca(node, tls_server, pki, token_file):
+    for ca in ((), ("--ca", str(pki.other_ca_cert))):  # plaintext, or an unrelated CA
+        code, (answer,) = run_cli(
+            node, "--target", tls_server.target, *ca, "--token-file", str(token_file), "info"
+        )
+        assert code == 2
+        assert answer["error"]["code_name"] == "UNAVAILABLE"
+
+
+@needs_security
+def test_mutual_tls_needs_a_client_certificate_the_ca_signed(node, mtls_server, pki, assessor):
+    tls = ("--target", mtls_server.target, "--ca", str(pki.ca_cert))
+    mine = ("--cert", str(pki.client_cert), "--key", str(pki.client_key))
+    code, (info,) = run_cli(node, *tls, *mine, "info")
+    assert code == 0, info
+    assert info["classes"] == assessor.classes
+    assert run_cli(node, *tls, *mine, "health") == (0, [{"status": "SERVING"}])
+    other = ("--cert", str(pki.other_client_cert), "--key", str(pki.other_client_key))
+    for credentials in ((), other):  # none, or one from a CA the server does not trust
+        code, (answer,) = run_cli(node, *tls, *credentials, "info")
+        assert code == 2
+        assert answer["error"]["code_name"] == "UNAVAILABLE"
