@@ -16,6 +16,7 @@ from service.inputs import GENERIC_EXPECTED, InvalidInput, load_images
 
 if TYPE_CHECKING:
     from detectors.model_dir import LoadedClassifier
+    from service.client import ReliabilityClient
 
 DESCRIPTION = """\
 GradProbe tells when an image classifier's input is novel (out-of-distribution, corrupted or
@@ -163,12 +164,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.security import load_security
     from service.server import load_assessors, serve
     from service.settings import Settings, SettingsError
 
     try:
         settings = Settings.from_sources(args)
         settings.resolved_device()
+        # The server reads them again when it starts; checked here too so that a bad
+        # certificate or token file fails in a second, before the models load.
+        load_security(settings)
     except SettingsError as exc:
         raise UsageError(str(exc)) from exc
     # Loaded before the server starts listening: a model dir that is not servable fails
@@ -227,16 +232,22 @@ def _assess_remote(args: argparse.Namespace) -> list[dict] | None:
     import grpc
 
     from detectors.spec import ModelSpec
-    from service.client import ReliabilityClient
 
     rows = []
-    with ReliabilityClient(args.server, timeout=args.timeout, wait_for_ready=False) as client:
+    with _remote_client(args) as client:
         try:
             info = client.info(model=args.model)
         except grpc.RpcError as exc:
+            # UNAVAILABLE is also what a failed TLS handshake looks like to a client.
+            hint = (
+                " (is `gradprobe serve` running there, and do --tls/--tls-ca/--tls-cert match "
+                "its TLS settings?)"
+                if exc.code() == grpc.StatusCode.UNAVAILABLE
+                else ""
+            )
             print(
                 f"gradprobe assess: error: {args.server} answered {exc.code().name}: "
-                f"{exc.details()} (is `gradprobe serve` running there?)",
+                f"{exc.details()}{hint}",
                 file=sys.stderr,
             )
             return None
@@ -260,6 +271,52 @@ def _assess_remote(args: argparse.Namespace) -> list[dict] | None:
                 keys = ("prediction", "class_name", "verdict", "scores")
                 rows.append({"index": start + answer["index"], **{k: answer[k] for k in keys}})
     return rows
+
+
+def _remote_client(args: argparse.Namespace) -> ReliabilityClient:
+    """A client of ``args.server`` with the command's TLS and token options."""
+    import os
+
+    from service.client import ReliabilityClient, read_token_file
+
+    try:
+        if args.token_file is not None:
+            token = read_token_file(args.token_file)
+        else:
+            token = os.environ.get("GRADPROBE_TOKEN") or None
+        return ReliabilityClient(
+            args.server,
+            timeout=args.timeout,
+            wait_for_ready=False,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+            token=token,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a command reaches a server with TLS, mutual TLS or bearer tokens."""
+    add = parser.add_argument
+    add("--tls", action="store_true", help="with --server: TLS, checked against system roots")
+    add("--tls-ca", type=Path, default=None, help="with --server: TLS, checked against this CA")
+    add("--tls-cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    add("--tls-key", type=Path, default=None, help="the key of --tls-cert")
+    add(
+        "--tls-server-name",
+        default=None,
+        help="name to check the server certificate for, when --server's host is not in it",
+    )
+    add(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file whose first line is a bearer token (default: $GRADPROBE_TOKEN, if set)",
+    )
 
 
 def _add_service_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -301,6 +358,7 @@ def _add_service_commands(sub: argparse._SubParsersAction, common: argparse.Argu
     assess.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per request (default 60)"
     )
+    add_client_arguments(assess)
     assess.set_defaults(func=cmd_assess)
 
 

@@ -6,11 +6,18 @@ with ReliabilityClient("127.0.0.1:50051") as client:
     info = client.info()                    # input_shape [C, H, W], classes, ...
     for answer in client.assess(images):   # float32 (B, C, H, W) in [0, 1] or uint8
         print(answer["verdict"], answer["scores"])
+
+Against a server with TLS, mutual TLS and bearer tokens (see README.md, Security):
+
+ReliabilityClient("gradprobe:50051", tls_ca="ca.crt", tls_cert="client.crt",
+                  tls_key="client.key", token=read_token_file("token"))
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -85,6 +92,40 @@ class StreamError(RuntimeError):
         self.code = code
 
 
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token of a token file: its first line that is neither blank nor a # comment (the
+    format of the server's --auth-token-file, so one file can serve both)."""
+    for line in _read(path, "token file").decode("utf-8", errors="replace").splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    raise ValueError(f"token file {path} holds no token: put the token on a line of its own")
+
+
+def _read(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(
+            f"{what} {path}: cannot read it ({exc.strerror or exc}); check the path"
+        ) from None
+
+
+def channel_credentials(
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: the server is checked against ``tls_ca`` (default: the system's
+    roots); ``tls_cert``/``tls_key``: this client's certificate, for mutual TLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs its key: give tls_cert and tls_key together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls_ca is None else _read(tls_ca, "TLS CA file"),
+        private_key=None if tls_key is None else _read(tls_key, "TLS key file"),
+        certificate_chain=None if tls_cert is None else _read(tls_cert, "TLS certificate file"),
+    )
+
+
 def _status_code(number: int) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
 
@@ -96,6 +137,12 @@ class ReliabilityClient:
         target: ``host:port`` of the server.
         timeout: deadline of each call in seconds (None: no deadline).
         wait_for_ready: queue calls while the channel connects instead of failing at once.
+        tls: connect over TLS (implied by any ``tls_*`` file); the server is checked
+            against ``tls_ca``, or the system's roots without it.
+        tls_cert, tls_key: this client's certificate and key, for a server with mutual TLS.
+        tls_server_name: the name to check the server's certificate for, when the target's
+            host is not in it (e.g. ``localhost`` when dialling 127.0.0.1).
+        token: a bearer token, sent as ``authorization: Bearer <token>`` with every call.
     """
 
     def __init__(
@@ -105,17 +152,30 @@ class ReliabilityClient:
         timeout: float | None = 30.0,
         wait_for_ready: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        # Per-call metadata rather than call credentials: gRPC sends those over TLS only, and
+        # a token on a loopback plaintext port is a valid setup.
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls or any(f is not None for f in (tls_ca, tls_cert, tls_key)):
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.ReliabilityStub(self.channel)
 
     def __enter__(self) -> ReliabilityClient:
@@ -128,7 +188,11 @@ class ReliabilityClient:
         self.channel.close()
 
     def _call(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "wait_for_ready": self.wait_for_ready}
+        return {
+            "timeout": self.timeout,
+            "wait_for_ready": self.wait_for_ready,
+            "metadata": self.metadata,
+        }
 
     def assess(self, images: np.ndarray, model: str = "") -> list[dict[str, Any]]:
         """One dict per image: index, prediction, class_name, probabilities, verdict, scores,

@@ -42,6 +42,7 @@ from service.errors import (
 )
 from service.inputs import InvalidInput, to_model_input
 from service.metrics import ModelMetrics, ServiceMetrics
+from service.security import load_security
 from service.settings import Settings
 
 log = logging.getLogger("gradprobe.server")
@@ -572,6 +573,8 @@ class ReliabilityServer:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.servicer = ReliabilityServicer(settings, self.metrics)
+        # TLS and token files are read and checked here, once (SecurityConfigError if bad).
+        self.security = load_security(settings)
         self.health = health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
@@ -581,7 +584,11 @@ class ReliabilityServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.workers, thread_name_prefix="gradprobe-rpc"
             ),
-            interceptors=[StatusInterceptor(self.metrics.observe_request)],
+            # Access checks inside the status mapping: refused calls are counted too.
+            interceptors=[
+                StatusInterceptor(self.metrics.observe_request),
+                *self.security.interceptors(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -595,21 +602,34 @@ class ReliabilityServer:
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
 
     @property
     def target(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> None:
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            self.port = self._server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}: {exc}") from exc
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address} (in use?)")
+        self.port = _listen(
+            self._server, f"{self.settings.host}:{self.settings.port}", self.security.credentials
+        )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.start()
+        if self.settings.health_port >= 0:
+            # Health alone, in plaintext, for probes that cannot do TLS: it tells only
+            # SERVING or NOT_SERVING.
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="gradprobe-health"),
+                options=[("grpc.so_reuseport", 0)],
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            address = f"{self.settings.host}:{self.settings.health_port}"
+            try:
+                self.health_port = _listen(self._health_server, address, None)
+            except OSError:
+                self._server.stop(0)
+                raise
+            self._health_server.start()
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
 
@@ -629,12 +649,28 @@ class ReliabilityServer:
         grace = self.settings.grace_s if grace is None else grace
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         self.servicer.close(timeout=grace)
         self.metrics.stop()
 
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
+
+
+def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``address`` (TLS with ``credentials``); returns the port."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (in use?)")
+    return port
 
 
 def load_assessors(settings: Settings) -> list[Assessor]:
@@ -663,7 +699,11 @@ def serve(
     server = ReliabilityServer(settings)
     server.start()
     log.info(
-        "listening on %s (metrics port %s); loading the model", server.target, server.metrics_port
+        "listening on %s (%s; metrics port %s, health port %s); loading the model",
+        server.target,
+        server.security.describe(),
+        server.metrics_port,
+        server.health_port,
     )
     try:
         server.load(assessor)

@@ -74,6 +74,17 @@ class Settings:
     # Fashion-MNIST example. GRADPROBE_MODEL_DIRS takes them comma-separated.
     model_dirs: tuple[Path, ...] = ()
     quiet: bool = False
+    # Transport security (service/security.py): TLS with tls_cert and tls_key (PEM), mutual TLS
+    # when tls_client_ca is set too, bearer tokens (one a line) with auth_token_file.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # mTLS only: client certificate names (SAN or CN) allowed to call; empty: any the CA signed.
+    tls_allowed_identities: tuple[str, ...] = ()
+    auth_token_file: Path | None = None
+    # A plaintext port serving grpc.health.v1 alone, for probes that cannot do TLS (kubelet's
+    # gRPC probes); -1: off.
+    health_port: int = -1
 
     def __post_init__(self) -> None:
         checks = [
@@ -91,6 +102,19 @@ class Settings:
             (self.compute_threads >= 0, "compute_threads must be >= 0 (0: auto)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.grace_s >= 0, "grace_s must be >= 0"),
+            (
+                (self.tls_cert is None) == (self.tls_key is None),
+                "tls_cert and tls_key go together: give both (--tls-cert, --tls-key)",
+            ),
+            (
+                self.tls_client_ca is None or self.tls_cert is not None,
+                "tls_client_ca (mutual TLS) needs TLS: give --tls-cert and --tls-key too",
+            ),
+            (
+                not self.tls_allowed_identities or self.tls_client_ca is not None,
+                "tls_allowed_identities needs client certificates: give --tls-client-ca too",
+            ),
+            (-1 <= self.health_port <= 65535, "health_port must be in -1..65535"),
         ]
         for ok, message in checks:
             if not ok:
@@ -142,6 +166,8 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return float(raw)
         if type_name.startswith("tuple[Path"):
             return tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
+        if type_name.startswith("tuple[str"):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
         if type_name.startswith("Path"):
             return Path(raw) if raw else None
         return raw
@@ -212,3 +238,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of model dirs); default: the built-in Fashion-MNIST example",
     )
     add("-q", "--quiet", action="store_true", default=None, help="no notes on stderr")
+    add("--tls-cert", type=Path, help="PEM certificate chain of the server: turns TLS on")
+    add("--tls-key", type=Path, help="the unencrypted PEM private key of --tls-cert")
+    add(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA: mutual TLS, clients must present a certificate it signed",
+    )
+    add(
+        "--tls-allowed-identities",
+        action="append",
+        help="with --tls-client-ca: a client certificate name (SAN or CN) allowed to call; "
+        "repeat for several (env: comma-separated); others get PERMISSION_DENIED",
+    )
+    add(
+        "--auth-token-file",
+        type=Path,
+        help="accepted bearer tokens, one a line (# comments): every call but health must "
+        "send `authorization: Bearer <token>`",
+    )
+    add(
+        "--health-port",
+        type=int,
+        help="plaintext port serving grpc.health.v1 only, for probes that cannot do TLS "
+        "(default -1: off)",
+    )

@@ -66,6 +66,15 @@ class HandlerConfig:
     monitor_queue: int = 64
     # GradProbe's name for this classifier (its ListModels); empty: the only model it serves.
     model: str = ""
+    # A GradProbe with TLS: the CA to check it against (any tls_* file turns TLS on), this
+    # handler's certificate and key for mutual TLS, and the name its certificate carries when
+    # the target's host is not in it (e.g. localhost for 127.0.0.1).
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+    # A file whose first line (not blank, not a # comment) is the bearer token to send.
+    token_file: str = ""
 
     @classmethod
     def from_sources(
@@ -105,6 +114,55 @@ class HandlerConfig:
             raise ConfigError(f"timeout_ms must be positive; got {self.timeout_ms}")
         if self.monitor_queue < 1:
             raise ConfigError(f"monitor_queue must be at least 1; got {self.monitor_queue}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(
+                "tls_cert and tls_key go together: set both GRADPROBE_TS_TLS_CERT and "
+                "GRADPROBE_TS_TLS_KEY (the handler's certificate for mutual TLS), or neither"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+
+def _read_setting_file(name: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigError(
+            f"GRADPROBE_TS_{name.upper()}={path}: cannot read it ({exc.strerror or exc}); "
+            "mount the secret there or fix the path"
+        ) from None
+
+
+def channel_for(config: HandlerConfig, options: list[tuple[str, Any]]) -> grpc.Channel:
+    """The channel to GradProbe: plaintext, or TLS (mutual with a certificate) per config."""
+    if not config.tls:
+        return grpc.insecure_channel(config.target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_setting_file("tls_ca", config.tls_ca) if config.tls_ca else None,
+        private_key=_read_setting_file("tls_key", config.tls_key) if config.tls_key else None,
+        certificate_chain=(
+            _read_setting_file("tls_cert", config.tls_cert) if config.tls_cert else None
+        ),
+    )
+    if config.tls_server_name:
+        options = [*options, ("grpc.ssl_target_name_override", config.tls_server_name)]
+    return grpc.secure_channel(config.target, credentials, options=options)
+
+
+def read_token(config: HandlerConfig) -> str:
+    """The bearer token of ``config.token_file`` ("" without one)."""
+    if not config.token_file:
+        return ""
+    text = _read_setting_file("token_file", config.token_file).decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    raise ConfigError(
+        f"GRADPROBE_TS_TOKEN_FILE={config.token_file} holds no token: put it on a line of its own"
+    )
 
 
 class BadInput(ValueError):
@@ -326,8 +384,10 @@ class ReliabilityLink:
         self.where = f"GradProbe at {config.target}" + (
             f" (model {config.model!r})" if config.model else ""
         )
-        self.channel = grpc.insecure_channel(
-            config.target,
+        token = read_token(config)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.channel = channel_for(
+            config,
             options=[
                 # Reconnect soon after GradProbe restarts (gRPC's default backoff grows to 2 min).
                 ("grpc.initial_reconnect_backoff_ms", 100),
@@ -360,7 +420,9 @@ class ReliabilityLink:
     def _check_model(self, started: float) -> None:
         request = pb.GetModelInfoRequest(model=self.config.model)
         try:
-            info = self.stub.GetModelInfo(request, timeout=self._deadline(started))
+            info = self.stub.GetModelInfo(
+                request, timeout=self._deadline(started), metadata=self.metadata
+            )
         except grpc.RpcError as exc:
             # Serving several models and none named, or not this name: say how to choose.
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
@@ -397,7 +459,9 @@ class ReliabilityLink:
                     for image in images
                 ],
             )
-            response = self.stub.Assess(request, timeout=self._deadline(started))
+            response = self.stub.Assess(
+                request, timeout=self._deadline(started), metadata=self.metadata
+            )
         except grpc.RpcError as exc:
             raise ReliabilityUnavailable(
                 f"{self.where} answered {exc.code().name}: {exc.details()}"
