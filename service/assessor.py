@@ -8,6 +8,7 @@ handler are thin layers over ``Assessor``. Inputs reaching it are already valida
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,3 +104,78 @@ class Assessor:
         """The classifier alone (softmax (B, N)): the path reliability is measured against."""
         logits = self.classifier.exported(torch.from_numpy(images).to(self.device))
         return torch.softmax(logits, dim=-1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- accelerator memory
+
+
+class OutOfMemory(RuntimeError):
+    """One image alone does not fit in the accelerator's memory."""
+
+
+@dataclass(frozen=True)
+class MemoryCap:
+    """Fault injection: an accelerator that holds at most ``images`` images in one pass.
+
+    ``assess_within_memory`` checks it before each pass and, above the cap, raises
+    ``torch.cuda.OutOfMemoryError`` as CUDA does, so that the split-and-retry path runs (and is
+    tested) on a CPU. Only ``gradprobe serve --simulate-memory-cap N`` sets one.
+    """
+
+    images: int
+
+    def check(self, images: int) -> None:
+        if images > self.images:
+            raise torch.cuda.OutOfMemoryError(
+                f"simulated: {images} images exceed the memory cap of {self.images} "
+                "(--simulate-memory-cap)"
+            )
+
+
+def release_accelerator_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back, so a retry starts from a clean
+    slate (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def assess_within_memory(
+    assess: Callable[[np.ndarray], BatchAssessment],
+    images: np.ndarray,
+    *,
+    on_split: Callable[[int], None] | None = None,
+    memory_cap: MemoryCap | None = None,
+) -> BatchAssessment:
+    """``assess(images)``; when the accelerator runs out of memory, the cache is emptied and
+    the batch assessed in halves, recursively down to single images.
+
+    Every image's assessment is its own (per-sample gradients), so the halves' answers, in
+    order, are the batch's; stage timings are summed over the passes. ``on_split`` gets the
+    size of each batch that is split. Raises ``OutOfMemory`` when one image alone fails.
+    """
+    try:
+        if memory_cap is not None:
+            memory_cap.check(len(images))
+        return assess(images)
+    except torch.cuda.OutOfMemoryError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    # Emptied outside the except block: its traceback holds the failed pass's tensors.
+    release_accelerator_memory()
+    if len(images) == 1:
+        raise OutOfMemory(
+            f"one image alone does not fit in the accelerator's memory ({reason}); retry "
+            "later, when other work on the device has finished, or serve this model on a "
+            "device with more free memory (or --device cpu)"
+        )
+    if on_split is not None:
+        on_split(len(images))
+    half = (len(images) + 1) // 2
+    parts = [
+        assess_within_memory(assess, part, on_split=on_split, memory_cap=memory_cap)
+        for part in (images[:half], images[half:])
+    ]
+    timings: dict[str, float] = {}
+    for part in parts:
+        for stage, ms in part.timings_ms.items():
+            timings[stage] = timings.get(stage, 0.0) + ms
+    return BatchAssessment([a for part in parts for a in part.assessments], timings)

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from service.assessor import OutOfMemory
 from service.inputs import InvalidInput
 
 log = logging.getLogger("gradprobe.server")
@@ -52,6 +53,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownModel, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),  # even one image: the device is full
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
 )

@@ -78,6 +78,12 @@ class ServiceMetrics:
             ["model", "reason"],
             registry=r,
         )
+        self.memory_splits = Counter(
+            "gradprobe_memory_splits",
+            "Micro-batches split in halves and retried because the accelerator ran out of memory.",
+            ["model"],
+            registry=r,
+        )
         self.model = Info(
             "gradprobe_model", "Classifier and detector being served.", ["model"], registry=r
         )
@@ -151,6 +157,7 @@ class ModelMetrics:
         self._score_children = [(v, metrics.scores.labels(name, v)) for v in VERDICTS]
         self._verdict_children: dict[tuple[str, str], Counter] = {}
         self._queue_depth = metrics.queue_depth.labels(name)
+        self._memory_splits = metrics.memory_splits.labels(name)  # exported at 0 from the start
 
     def observe_stages(self, kind: str, timings_ms: dict[str, float]) -> None:
         for stage, child in self._stage_children[kind]:  # kind: one of KINDS
@@ -180,3 +187,6 @@ class ModelMetrics:
 
     def set_queue_depth(self, images: int) -> None:
         self._queue_depth.set(images)
+
+    def observe_memory_split(self) -> None:
+        self._memory_splits.inc()

@@ -29,7 +29,14 @@ from grpc_reflection.v1alpha import reflection
 from detectors.spec import ModelSpec
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
 from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
-from service.assessor import VERDICTS, Assessment, Assessor
+from service.assessor import (
+    VERDICTS,
+    Assessment,
+    Assessor,
+    BatchAssessment,
+    MemoryCap,
+    assess_within_memory,
+)
 from service.batcher import BatchOutput, JobResult, MicroBatcher
 from service.errors import (
     DeadlineExceeded,
@@ -303,6 +310,8 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         self._threads: _ComputeThreads | None = None
         # One pass at a time across models: they share the cores and the thread pools.
         self._compute_lock = threading.Lock()
+        cap = settings.simulate_memory_cap
+        self._memory_cap = MemoryCap(cap) if cap else None  # fault tests only
 
     # -- life cycle
 
@@ -333,7 +342,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             )
             batcher = MicroBatcher(
                 {
-                    "assess": functools.partial(self._assess_batch, assessor),
+                    "assess": functools.partial(self._assess_batch, assessor, metrics),
                     "predict": functools.partial(self._predict_batch, assessor),
                 },
                 max_batch_size=self.settings.max_batch_size,
@@ -362,11 +371,24 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
     def batcher(self) -> MicroBatcher | None:
         return next(iter(self.models.values())).batcher if self.models else None
 
-    def _assess_batch(self, assessor: Assessor, images: np.ndarray) -> BatchOutput:
+    def _assess_batch(
+        self, assessor: Assessor, metrics: ModelMetrics, images: np.ndarray
+    ) -> BatchOutput:
         assert self._threads is not None
+        threads = self._threads
+
+        def run(part: np.ndarray) -> BatchAssessment:
+            threads.use(len(part))
+            return assessor.assess(part)
+
+        def split(size: int) -> None:
+            log.warning("%s: out of accelerator memory on %d images; halving", assessor.name, size)
+            metrics.observe_memory_split()
+
         with self._compute_lock:
-            self._threads.use(len(images))
-            batch = assessor.assess(images)
+            # A batch too big for the accelerator is split, never lost; a single image that
+            # does not fit fails its request alone (RESOURCE_EXHAUSTED, via the batcher).
+            batch = assess_within_memory(run, images, on_split=split, memory_cap=self._memory_cap)
         return BatchOutput(batch.assessments, batch.timings_ms)
 
     def _predict_batch(self, assessor: Assessor, images: np.ndarray) -> BatchOutput:

@@ -70,6 +70,9 @@ class Settings:
     compute_threads: int = 0
     batching: bool = True  # off: one request per compute, for comparison
     grace_s: float = 10.0  # on SIGTERM, how long in-flight requests get to finish
+    # Fault tests only (service.assessor.MemoryCap): passes over more images than this fail as
+    # if the accelerator ran out of memory, so the split-and-retry path runs on a CPU; 0: off.
+    simulate_memory_cap: int = 0
     # Model dirs to serve (a folder of model dirs counts as all of them); none: the built-in
     # Fashion-MNIST example. GRADPROBE_MODEL_DIRS takes them comma-separated.
     model_dirs: tuple[Path, ...] = ()
@@ -102,6 +105,7 @@ class Settings:
             (self.compute_threads >= 0, "compute_threads must be >= 0 (0: auto)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.grace_s >= 0, "grace_s must be >= 0"),
+            (self.simulate_memory_cap >= 0, "simulate_memory_cap must be >= 0 (0: off)"),
             (
                 (self.tls_cert is None) == (self.tls_key is None),
                 "tls_cert and tls_key go together: give both (--tls-cert, --tls-key)",
@@ -228,6 +232,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grace-s",
         type=float,
         help=f"on SIGTERM, time for in-flight requests (default {defaults.grace_s})",
+    )
+    add(
+        "--simulate-memory-cap",
+        type=int,
+        metavar="IMAGES",
+        help="fault tests only: passes over more images fail as out of accelerator memory, to "
+        "exercise the split-and-retry path (default 0: off)",
     )
     add(
         "--model-dir",
