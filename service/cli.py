@@ -165,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.security import load_security
-    from service.server import load_assessors, serve
+    from service.server import PortUnavailable, load_assessors, serve
     from service.settings import Settings, SettingsError
 
     try:
@@ -179,7 +179,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Loaded before the server starts listening: a model dir that is not servable fails
     # fast with its reason, before any port is taken.
     assessors = load_assessors(settings)
-    return serve(settings, assessors)
+    try:
+        return serve(settings, assessors)
+    except PortUnavailable as exc:  # a setting to change, not a crash: one line, exit 2
+        raise UsageError(str(exc)) from None
 
 
 def cmd_assess(args: argparse.Namespace) -> int:

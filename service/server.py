@@ -632,9 +632,8 @@ class ReliabilityServer:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> None:
-        self.port = _listen(
-            self._server, f"{self.settings.host}:{self.settings.port}", self.security.credentials
-        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = _listen(self._server, address, self.security.credentials, "gRPC", "--port")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.start()
         if self.settings.health_port >= 0:
@@ -647,13 +646,21 @@ class ReliabilityServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             address = f"{self.settings.host}:{self.settings.health_port}"
             try:
-                self.health_port = _listen(self._health_server, address, None)
+                self.health_port = _listen(
+                    self._health_server, address, None, "health checks", "--health-port"
+                )
             except OSError:
                 self._server.stop(0)
                 raise
             self._health_server.start()
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+            host, port = self.settings.host, self.settings.metrics_port
+            try:
+                self.metrics_port = self.metrics.serve(port, host)
+            except OSError as exc:
+                self.stop(grace=0)
+                address, reason = f"{host}:{port}", exc.strerror or str(exc)
+                raise PortUnavailable(address, "metrics", "--metrics-port", reason) from None
 
     def load(
         self,
@@ -681,17 +688,35 @@ class ReliabilityServer:
             self.health.set(name, status)
 
 
-def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Bind ``address`` (TLS with ``credentials``); returns the port."""
+class PortUnavailable(OSError):
+    """A port the server was told to listen on cannot be bound; the message names the flag
+    that sets it (the CLI reports it in one line)."""
+
+    def __init__(self, address: str, what: str, flag: str, reason: str) -> None:
+        super().__init__(
+            f"cannot listen on {address} for {what} ({reason}): another process may hold the "
+            f"port; stop it, or choose another port with {flag} (0: any free port)"
+        )
+
+
+def _listen(
+    server: grpc.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    what: str,
+    flag: str,
+) -> int:
+    """Bind ``address`` (TLS with ``credentials``); returns the port. ``what`` and ``flag``
+    name the port in the error."""
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    except RuntimeError:
+        port = 0  # gRPC's message only says to turn on its debug logs
     if port == 0:
-        raise OSError(f"cannot listen on {address} (in use?)")
+        raise PortUnavailable(address, what, flag, "the address is in use or not available")
     return port
 
 
@@ -743,6 +768,7 @@ def serve(
 
 
 __all__ = [
+    "PortUnavailable",
     "ReliabilityServer",
     "ReliabilityServicer",
     "ServiceError",
