@@ -1,6 +1,7 @@
 """The Kubernetes manifests validate against a fixed Kubernetes version's schemas (offline), and
 hold together: both containers, gRPC probes, resources, GPU variant, HPA metrics the adapter
-serves, settings the server knows, ports the Service and Prometheus use."""
+serves, settings the server knows, ports the Service and Prometheus use, the TLS and token
+secrets mounted where the settings point, and a NetworkPolicy that admits what it should."""
 
 from __future__ import annotations
 
@@ -102,6 +103,7 @@ def test_kustomization_renders_valid_manifests(overlay):
             "ConfigMap",
             "Deployment",
             "HorizontalPodAutoscaler",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Service",
             "Service",
@@ -132,10 +134,12 @@ def test_pod_runs_torchserve_beside_gradprobe(base):
     assert gradprobe["image"] == "gradprobe/gradprobe:0.1.0-cpu"
     assert gradprobe["command"] == [
         "gradprobe", "serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464",
+        "--health-port", "50052",
     ]  # fmt: skip
-    assert {p["containerPort"] for p in gradprobe["ports"]} == {50051, 9464}
+    assert {p["containerPort"] for p in gradprobe["ports"]} == {50051, 50052, 9464}
+    # The kubelet's gRPC probes cannot do TLS: they ask the plaintext health-only port.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert gradprobe[probe]["grpc"] == {"port": 50051}, probe
+        assert gradprobe[probe]["grpc"] == {"port": 50052}, probe
     startup = gradprobe["startupProbe"]
     # H may be rebuilt on a first start: minutes, not seconds.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
@@ -162,7 +166,8 @@ def test_gpu_variant_requests_a_gpu():
     assert spec["nodeSelector"]
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     # The patch merged into the base container rather than replacing it.
-    assert gradprobe["startupProbe"]["grpc"] == {"port": 50051}
+    assert gradprobe["startupProbe"]["grpc"] == {"port": 50052}
+    assert any(e["name"] == "GRADPROBE_TLS_CERT" for e in gradprobe["env"])
     assert "nvidia.com/gpu" not in containers["torchserve"]["resources"]["limits"]
     known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
     for variable in gradprobe["env"]:
@@ -294,3 +299,102 @@ def test_adapter_rules_read_series_the_service_exports():
         }
         for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
             assert placeholder in rule["metricsQuery"], (series, placeholder)
+
+
+# ----------------------------------------------------------------------------- security
+
+SECRET_KEYS = {"gradprobe-tls": {"tls.crt", "tls.key", "ca.crt"}, "gradprobe-auth": {"tokens"}}
+
+
+def _secret_file(deployment: dict, container: dict, path: str) -> tuple[str, str]:
+    """The (secret, key) a container path reads, through its volume mounts."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        folder = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(folder):
+            assert mount.get("readOnly") is True, mount
+            secret = volumes[mount["name"]]["secret"]["secretName"]
+            return secret, path.removeprefix(folder)
+    raise AssertionError(f"{container['name']}: {path} is on no volume mount")
+
+
+def test_tls_and_token_secrets_are_mounted_where_the_settings_point(base):
+    deployment = _one(base, "Deployment")
+    containers = _containers(deployment)
+    gradprobe = containers["gradprobe"]
+    env = {**_config_map(base)["data"], **{e["name"]: e["value"] for e in gradprobe["env"]}}
+    settings = Settings.from_sources(env=env)
+    files = {
+        "tls_cert": ("gradprobe-tls", "tls.crt"),
+        "tls_key": ("gradprobe-tls", "tls.key"),
+        "tls_client_ca": ("gradprobe-tls", "ca.crt"),
+        "auth_token_file": ("gradprobe-auth", "tokens"),
+    }
+    for name, secret_file in files.items():
+        path = getattr(settings, name)
+        assert path is not None, f"{name} is not set: the gRPC port would run without it"
+        assert _secret_file(deployment, gradprobe, str(path)) == secret_file, name
+    # The handler beside it reaches the sidecar with the same CA, a certificate and a token.
+    torchserve = containers["torchserve"]
+    handler = {e["name"]: e["value"] for e in torchserve["env"]}
+    for variable in ("TLS_CA", "TLS_CERT", "TLS_KEY", "TOKEN_FILE"):
+        secret, key = _secret_file(deployment, torchserve, handler[f"GRADPROBE_TS_{variable}"])
+        assert key in SECRET_KEYS[secret], (variable, secret, key)
+    # The certificate names localhost (the handler dials 127.0.0.1): see the README.
+    assert handler["GRADPROBE_TS_TLS_SERVER_NAME"] == "localhost"
+
+
+def _admitted(policy: dict, container_ports: dict[str, int]) -> dict[int, list[list[dict]]]:
+    """For each port number: the `from` lists of the rules that admit it ([] = anyone)."""
+    admitted: dict[int, list[list[dict]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            number = container_ports.get(port["port"], port["port"])
+            assert isinstance(number, int), f"no container port named {port['port']}"
+            admitted.setdefault(number, []).append(rule.get("from", []))
+    return admitted
+
+
+def test_network_policy_admits_clients_prometheus_and_inference_only(base):
+    deployment = _one(base, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    policy = _one(base, "NetworkPolicy", "gradprobe")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {
+        p["name"]: p["containerPort"] for c in _containers(deployment).values() for p in c["ports"]
+    }
+    admitted = _admitted(policy, ports)
+
+    # gRPC: only from client pods, never from anyone.
+    (grpc_sources,) = admitted[ports["grpc"]]
+    assert grpc_sources == [{"podSelector": {"matchLabels": {"gradprobe-client": "true"}}}]
+    # Metrics: only Prometheus pods of the namespace prometheus-adapter reads from.
+    adapter_namespace = _one(_documents(ADAPTER_CONFIG), "ConfigMap")["metadata"]["namespace"]
+    prometheus = [
+        {
+            "namespaceSelector": {
+                "matchLabels": {"kubernetes.io/metadata.name": adapter_namespace}
+            },
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    for name in ("metrics", "ts-metrics"):
+        assert admitted[ports[name]] == [prometheus], name
+    # TorchServe's inference APIs stay open; management and the health port do not.
+    for name in ("http", "grpc-inference"):
+        assert admitted[ports[name]] == [[]], name
+    for name in ("management", "grpc-mgmt", "grpc-health"):
+        assert ports[name] not in admitted, name
+    # Every port a Service exposes is admitted by some rule (else the Service is dead).
+    for service in (d for d in base if d["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            assert ports[port["targetPort"]] in admitted, (service["metadata"]["name"], port)
+
+
+def test_network_policy_validation_is_strict():
+    """A podSelector under `ports` is a schema error: the validation above means something."""
+    policy = _one(_documents(BASE / "networkpolicy.yaml"), "NetworkPolicy")
+    policy["spec"]["ingress"][0]["ports"][0]["podSelector"] = {}
+    with pytest.raises(AssertionError, match="podSelector"):
+        _validate(policy, "typo")
