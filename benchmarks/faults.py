@@ -303,8 +303,7 @@ def sigkill_and_restart(model_dir: Path, images: int = 8) -> Observation:
     request = assess_request(batch)
     first = _served(model_dir).start()
     restarted: ServerProcess | None = None
-    statuses: list[tuple[str, str]] = []  # (which process, status or error)
-    phase = ["first"]
+    statuses: list[str] = []  # what the health Watch said, or how it broke
     serving_again = threading.Event()
     stop_watching = threading.Event()
     try:
@@ -314,24 +313,26 @@ def sigkill_and_restart(model_dir: Path, images: int = 8) -> Observation:
             check = health_pb2.HealthCheckRequest(service="gradprobe.v1.Reliability")
 
             def watch() -> None:
-                # Health Watch over the same channel; a broken watch is started again.
+                # Health Watch over the same channel; a broken watch is started again. Once
+                # the first process is gone, a status can only come from the new one.
+                broken = False
                 while not stop_watching.is_set():
                     try:
                         for update in health.Watch(check, wait_for_ready=True, timeout=300):
                             name = health_pb2.HealthCheckResponse.ServingStatus.Name(update.status)
-                            statuses.append((phase[0], name))
-                            if phase[0] == "restarted" and name == "SERVING":
+                            statuses.append(name)
+                            if broken and name == "SERVING":
                                 serving_again.set()
                                 return
                     except grpc.RpcError as exc:
-                        statuses.append((phase[0], exc.code().name))
+                        statuses.append(exc.code().name)
+                        broken = True
                         time.sleep(0.05)
 
             watcher = threading.Thread(target=watch, name="health-watch", daemon=True)
             watcher.start()
             wait_until(lambda: bool(statuses))
             assert first.process is not None
-            phase[0] = "down"
             first.process.kill()
             killed_exit = first.process.wait()
             try:
@@ -339,7 +340,6 @@ def sigkill_and_restart(model_dir: Path, images: int = 8) -> Observation:
                 while_down = "OK"
             except grpc.RpcError as exc:
                 while_down = exc.code().name
-            phase[0] = "restarted"
             restarted = _served(model_dir, "--port", str(first.port)).start()
             after = answers(stub.Assess(request, timeout=120, wait_for_ready=True))
             serving = serving_again.wait(60)
@@ -361,17 +361,19 @@ def sigkill_and_restart(model_dir: Path, images: int = 8) -> Observation:
     }
     passed = (
         serving
+        and sequence[:2] == ["SERVING", "UNAVAILABLE"]
         and while_down == "UNAVAILABLE"
         and comparison["same_verdicts"]
         and comparison["same_predictions"]
     )
-    shown = " → ".join(f"{status} ({where})" for where, status in sequence)
+    shown = " → ".join(sequence)
     return {
         "fault": "SIGKILL and restart",
         "done": f"Assess of {images} images; SIGKILL; a call while down; a new process on the "
         "same port; Assess again over the channel kept open (wait_for_ready); health Watch "
         "throughout",
-        "observed": f"killed (exit {killed_exit}); while down: {while_down}; health: {shown}; "
+        "observed": f"killed (exit {killed_exit}); a call while down: {while_down}; health Watch: "
+        f"{shown}; "
         f"after the restart the same verdicts: {comparison['same_verdicts']} "
         f"(max score difference {comparison['max_score_difference']:.1e})",
         "passed": passed,
