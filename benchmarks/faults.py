@@ -438,7 +438,7 @@ def tampered_file(model_dir: Path, which: str, workdir: Path | None = None) -> O
         "done": f"one byte flipped in a copy of the model dir's {target.name}; `gradprobe "
         "serve --model-dir <copy>`",
         "observed": f"exit status {result['exit_code']}, "
-        f"{'a traceback' if result['traceback'] else 'no traceback'}; stderr: `{shown}`",
+        f"{'a traceback' if result['traceback'] else 'no traceback'}; stderr: {_quoted(shown)}",
         "passed": passed,
         "data": data,
     }
@@ -641,7 +641,7 @@ def port_taken(model_dir: Path, flag: str) -> Observation:
         "done": f"`gradprobe serve {flag} <port another socket listens on>`",
         "observed": f"exit status {result['exit_code']}, "
         f"{'a traceback' if result['traceback'] else 'no traceback'}; stderr: "
-        f"`{line.replace(str(port), '<port>')}`"
+        f"{_quoted(line.replace(str(port), '<port>'))}"
         + (
             f" (after {len(result['before'])} line(s) of gRPC's own log)"
             if result["before"]
@@ -754,6 +754,11 @@ def run_all(model_dir: Path, progress: bool = True) -> list[Observation]:
     return observations
 
 
+def _quoted(line: str) -> str:
+    """A line as Markdown code; the double backticks let it hold single ones."""
+    return f"`` {line} ``"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -773,6 +778,14 @@ def report(observations: list[Observation], model_dir: Path) -> str:
         "`tests/service/test_faults.py` runs the same scenarios and asserts on them.\n\n"
         "| fault | what was done | observed | result |\n|---|---|---|---|\n"
         f"{rows}\n\n"
+        "- Health: `gradprobe serve` loads the model before it binds the port, so a restarted "
+        "process says NOT_SERVING only while it warms up; the Watch sees that when the channel "
+        "reconnects in time, else SERVING first (both are accepted).\n"
+        "- Out of memory is simulated (`--simulate-memory-cap` raises the "
+        "`torch.cuda.OutOfMemoryError` a CUDA device raises) on whatever device the server "
+        "uses, here as below; the split path is the same for a real one.\n"
+        "- Memory bound: a tenth of the bytes refused, measured after a warm-up of the same "
+        "load: keeping more than a tenth of each refused request would fail the check.\n\n"
         f"{environment()}; {time.strftime('%Y-%m-%d')}.\n"
     )
 
