@@ -59,6 +59,32 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+class MalformedRequest:
+    """What a request's deserializer gives for bytes that are not the method's message.
+
+    gRPC answers a request that does not parse with INTERNAL ("Exception deserializing
+    request!"), a server fault, for what is the client's mistake; ``StatusInterceptor`` parses
+    leniently instead and refuses this with INVALID_ARGUMENT (a stream's servicer may answer
+    it as one failed request and go on).
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.message = f"the request is not a valid protobuf message of this method ({reason})"
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return MalformedRequest(str(exc) or type(exc).__name__)
+
+    return parse
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and the client-facing message for an exception."""
     for kind, code in _STATUS:
@@ -90,11 +116,13 @@ class StatusInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         full_name = handler_call_details.method
-        if handler is None or not full_name.startswith(SERVICE_PREFIX):
+        if handler is None:
             return handler
+        if not full_name.startswith(SERVICE_PREFIX):
+            return _refusing_malformed(handler)  # health, reflection
         method = full_name.removeprefix(SERVICE_PREFIX)
         common = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
@@ -117,6 +145,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             model = getattr(request, "model", "")
             try:
+                if isinstance(request, MalformedRequest):
+                    raise InvalidInput(request.message)
                 response = behavior(request, context)
             except Exception as exc:
                 self._abort(method, exc, context, model)
@@ -128,6 +158,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
+                if isinstance(request, MalformedRequest):  # a unary request, streamed answers
+                    raise InvalidInput(request.message)
                 yield from behavior(request, context)
             except Exception as exc:
                 self._abort(method, exc, context, "")
@@ -147,6 +179,38 @@ class StatusInterceptor(grpc.ServerInterceptor):
         code, message = status_for(exc)
         self._observe(method, code, model)
         context.abort(code, message)
+
+
+def _refusing_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Another service's handler (health, reflection) with requests that do not parse refused
+    as INVALID_ARGUMENT rather than gRPC's INTERNAL."""
+
+    def check(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return request
+
+    def checked_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            yield check(request, context)
+
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda request, context: behavior(check(request, context), context)
+
+    def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda requests, context: behavior(checked_stream(requests, context), context)
+
+    common = {
+        "request_deserializer": _lenient(handler.request_deserializer),
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **common)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(unary(handler.unary_stream), **common)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(streaming(handler.stream_unary), **common)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **common)
 
 
 def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode:

@@ -40,6 +40,7 @@ from service.assessor import (
 from service.batcher import BatchOutput, JobResult, MicroBatcher
 from service.errors import (
     DeadlineExceeded,
+    MalformedRequest,
     NotReady,
     ServiceError,
     StatusInterceptor,
@@ -63,6 +64,17 @@ except ImportError:  # pragma: no cover - every supported Pillow has it
 _MAX_RESIZE_FACTOR = 16
 _RAW_DTYPES = {pb.RawPixels.UINT8: np.dtype(np.uint8), pb.RawPixels.FLOAT32: np.dtype("<f4")}
 _ENCODED_FORMATS = ("PNG", "JPEG")
+# Named in the refusal of other formats; only PNG's and JPEG's parsers ever see the bytes.
+_OTHER_SIGNATURES = (
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"RIFF", "WebP or another RIFF file"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x00\x0cjP", "JPEG 2000"),
+    (b"%PDF", "PDF"),
+)
 _VERDICT_ENUM = {name: pb.Verdict.Value(name.upper()) for name in VERDICTS}
 STREAM_WINDOW = 64  # requests of one stream in flight at once (back-pressure on the reader)
 STREAM_POLL_S = 0.1  # how often an idle stream checks that its client is still there
@@ -126,10 +138,17 @@ def _raw_shapes(spec: ModelSpec, dtype: np.dtype) -> list[list[int]]:
     return shapes
 
 
+def _dtype_name(value: int) -> str:
+    # Enums are open in proto3: a client may send a number this server has no name for.
+    if value in pb.RawPixels.DType.values():
+        return pb.RawPixels.DType.Name(value)
+    return f"{value} (not a DType)"
+
+
 def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
     if raw.dtype not in _RAW_DTYPES:
         raise InvalidInput(
-            f"image {index}: dtype is {pb.RawPixels.DType.Name(raw.dtype)}; set it to UINT8 "
+            f"image {index}: dtype is {_dtype_name(raw.dtype)}; set it to UINT8 "
             "(pixels 0..255) or FLOAT32 (little-endian, in [0, 1])"
         )
     dtype = _RAW_DTYPES[raw.dtype]
@@ -162,8 +181,13 @@ def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
 def _decode_encoded(index: int, data: bytes, spec: ModelSpec) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    other = next((name for magic, name in _OTHER_SIGNATURES if data.startswith(magic)), None)
+    if other is not None:
+        raise InvalidInput(f"image {index}: encoded images must be PNG or JPEG; got {other}")
     try:
-        with Image.open(io.BytesIO(data)) as decoded:
+        # Only PNG's and JPEG's parsers: Pillow would otherwise try each of its formats' on
+        # the client's bytes, parsers this server never needs to expose.
+        with Image.open(io.BytesIO(data), formats=_ENCODED_FORMATS) as decoded:
             if decoded.format not in _ENCODED_FORMATS:
                 raise InvalidInput(
                     f"image {index}: encoded images must be PNG or JPEG; got {decoded.format}"
@@ -487,6 +511,9 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             try:
                 for request in request_iterator:
                     arrived = time.monotonic()
+                    if isinstance(request, MalformedRequest):  # bytes that did not parse
+                        put(("", arrived, InvalidInput(request.message)))
+                        continue
                     try:
                         submitted: Any = self._submit(
                             "assess", request.images, request.model, context
