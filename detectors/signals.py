@@ -4,8 +4,9 @@ The core signal is the N × L matrix of log squared gradient norms, with each sa
 sorted by how much change they ask for (the predicted class first), so that H learns the
 *shape* of the response rather than which class an image happens to be. Beside it, optionally,
 the signals the strongest peers use, all computed from the forward pass the features need
-anyway: maximum softmax, energy (log-sum-exp of the logits), cosine distance to the k-th
-nearest training embedding (KNN) and the class-conditional Mahalanobis distance. And cheap
+anyway: maximum softmax, energy (log-sum-exp of the logits), the top-two logit margin, cosine
+distance to the k-th nearest training embedding (KNN) and the class-conditional Mahalanobis
+distance. And cheap
 statistics of the image itself (``image_statistics``): brightness, dark and saturated
 fractions, total variation, high-frequency energy, border and background levels, quantiles.
 Which groups are used is part of the detector's manifest; the evaluation measures what each
@@ -28,6 +29,7 @@ GROUPS = (
     "image",
     "gradient_summary",
     "image_relative",
+    "margin",
 )
 # The default Fashion-MNIST H's groups (the image statistics assume its black background).
 DEFAULT_GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image")
@@ -36,6 +38,7 @@ PORTABLE_GROUPS = (
     "gradients",
     "gradient_summary",
     "logits",
+    "margin",
     "knn",
     "mahalanobis",
     "image_relative",
@@ -259,6 +262,8 @@ class SignalFeaturizer:
             names += [f"log_grad_{s}[{layer}]" for s in ("mean", "std", "max") for layer in layers]
         if "logits" in self.groups:
             names += ["msp", "energy", "max_logit"]
+        if "margin" in self.groups:
+            names += ["logit_margin"]
         if "knn" in self.groups:
             names += [f"knn{self.knn_k}_cosine_distance"]
         if "mahalanobis" in self.groups:
@@ -293,6 +298,15 @@ class SignalFeaturizer:
             top = z.max(1, keepdims=True)
             lse = top[:, 0] + np.log(np.exp(z - top).sum(1))
             columns.append(np.stack([np.exp(top[:, 0] - lse), lse, top[:, 0]], axis=1))
+        if "margin" in self.groups:
+            # Top logit minus the runner-up: attacks that stop just past the decision boundary
+            # (C&W, DeepFool, minimal-budget PGD) leave it near zero, whatever their pixels.
+            z = logits.astype(np.float64)
+            if z.shape[1] < 2:
+                columns.append(np.zeros((len(z), 1)))
+            else:
+                top2 = -np.partition(-z, 1, axis=1)[:, :2]
+                columns.append((top2[:, 0] - top2[:, 1])[:, None])
         if "knn" in self.groups or "mahalanobis" in self.groups:
             self._check_fitted()
         if "knn" in self.groups:

@@ -20,25 +20,25 @@ from detectors.fit.evaluation import (
     per_kind_metrics,
     signal_columns,
 )
-from detectors.signals import SignalFeaturizer
+from detectors.signals import PORTABLE_GROUPS, SignalFeaturizer
 
 FeaturizerFactory = Callable[[tuple[str, ...]], SignalFeaturizer]
 
 # Signal sets of a user's H (no image statistics: they would assume a background).
 PORTABLE_ABLATION = [
     ("gradients", ("gradients", "gradient_summary")),
-    ("gradients + logits", ("gradients", "gradient_summary", "logits")),
+    ("gradients + logits", ("gradients", "gradient_summary", "logits", "margin")),
     (
         "gradients + logits + knn + mahalanobis",
-        ("gradients", "gradient_summary", "logits", "knn", "mahalanobis"),
+        ("gradients", "gradient_summary", "logits", "margin", "knn", "mahalanobis"),
     ),
-    (
-        "all (+ relative image statistics) = H",
-        ("gradients", "gradient_summary", "logits", "knn", "mahalanobis", "image_relative"),
-    ),
+    ("all (+ relative image statistics) = H", PORTABLE_GROUPS),
     ("gradients + relative image statistics", ("gradients", "gradient_summary", "image_relative")),
     ("relative image statistics only", ("image_relative",)),
-    ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
+    (
+        "peers' signals only (logits, margin, knn, mahalanobis)",
+        ("logits", "margin", "knn", "mahalanobis"),
+    ),
 ]
 FASHION_INTRO = (
     "Regenerate with `gradprobe evaluate`. Test split: Fashion-MNIST test images whose "

@@ -50,6 +50,16 @@ def test_logit_signals() -> None:
     assert top == 2.0
 
 
+def test_logit_margin_is_top_minus_runner_up_in_any_class_order() -> None:
+    only = SignalFeaturizer(groups=("logits", "margin"))
+    assert only.column_names(4, ["conv"])[-1] == "logit_margin"
+    logits = np.array([[0.5, 3.0, -1.0, 2.25], [1.0, 1.0, 0.0, -2.0]])
+    out = only.transform(np.ones((2, 4, 1)), logits, np.zeros((2, 2)))
+    np.testing.assert_allclose(out[:, -1], [0.75, 0.0])
+    shuffled = only.transform(np.ones((2, 4, 1)), logits[:, [3, 0, 2, 1]], np.zeros((2, 2)))
+    np.testing.assert_array_equal(out, shuffled)
+
+
 def test_distances_are_small_in_distribution_and_large_far_away(fitted) -> None:
     rng = np.random.default_rng(2)
     near = fitted.class_means[:1].astype(np.float64) + rng.normal(size=(5, 8)) * 0.1
