@@ -484,6 +484,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         std=args.std,
         input_shape=args.input_shape,
         recipe=recipe,
+        time_limit_s=args.time_limit * 60 if args.time_limit > 0 else None,
         report=not args.no_report,
         leave_one_out=not args.no_leave_one_out,
         resize=args.resize_encoded,
@@ -583,6 +584,14 @@ def _add_fit_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=1.0,
         help="scale every challenge-image count by this factor (default 1)",
+    )
+    fit.add_argument(
+        "--time-limit",
+        type=float,
+        default=45.0,
+        metavar="MINUTES",
+        help="measure the classifier's cost per image first and scale the challenge-image "
+        "counts down when building them would take longer than this (default 45; 0: never)",
     )
     fit.add_argument("--seed", type=int, default=0, help="seed of the challenge data (default 0)")
     fit.add_argument("--no-report", action="store_true", help="skip the held-out report")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,8 @@ class FitOptions:
     std: tuple[float, ...] | None = None
     input_shape: tuple[int, int, int] | None = None
     recipe: FitRecipe = field(default_factory=FitRecipe)
+    # Scale the recipe down when its measured cost would exceed this (None: never).
+    time_limit_s: float | None = 45 * 60
     report: bool = True
     leave_one_out: bool = True
     resize: bool = False
@@ -288,6 +290,7 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
             raise DataError(
                 f"{exc}; the training data has {len(train.classes)} classes ({shown})"
             ) from None
+        options = _planned(options, loaded, train, val, len(user_ood))
         data, sources, summary = prepare_data(loaded, train, val, user_ood, options)
         predicted = _predictions(loaded.module, sources.images["test"])
         accuracy = float((predicted == sources.labels["test"]).mean())
@@ -316,6 +319,49 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
             )
     _note(options, f"model dir ready: {output}")
     return output
+
+
+def _planned(
+    options: FitOptions,
+    loaded: LoadedClassifier,
+    train: LabelledImages,
+    val: LabelledImages | None,
+    user_ood_sets: int,
+) -> FitOptions:
+    """``options`` with the recipe sized to the time limit (``detectors.fit.plan``)."""
+    from detectors.fit import plan as planning
+
+    identity = {
+        "classifier": loaded.manifest.sha256,
+        "data": [train.digest, val.digest if val else ""],
+        "recipe": asdict(options.recipe),
+        "limit": options.time_limit_s,
+        "user_ood_sets": user_ood_sets,
+    }
+
+    def make() -> planning.Plan:
+        _note(options, "measuring this classifier's cost per image")
+        costs = planning.measure_costs(loaded.module, train.images)
+        return planning.plan(options.recipe, costs, options.time_limit_s, user_ood_sets)
+
+    chosen = planning.stored_plan(gradprobe_home() / "fit" / "plans", identity, make)
+    costs = chosen.costs
+    _note(
+        options,
+        f"per image: {costs.features_s * 1e3:.3g} ms of gradient features, "
+        f"{costs.gradient_s * 1e3:.3g} ms per attack step; challenge data at the requested "
+        f"size: about {chosen.estimate_s / 60:.0f} min",
+    )
+    if chosen.factor >= 1:
+        return options
+    limit = (options.time_limit_s or 0) / 60
+    _note(
+        options,
+        f"scaling every challenge-image count by {chosen.factor:.3g} to stay within "
+        f"--time-limit {limit:.0f} min (about {chosen.planned_s / 60:.0f} min); a larger "
+        "limit, or a GPU, gives H more to learn from",
+    )
+    return replace(options, recipe=chosen.recipe(options.recipe))
 
 
 def train_detector(

@@ -1,0 +1,158 @@
+"""Sizing the challenge data to a time limit, from the classifier's measured cost.
+
+``fit``'s time goes to two kinds of work whose cost depends on the classifier: gradient
+features of every challenge image (one forward pass and the N labels' backward), and the
+attacks (a forward and backward pass per image and step). Both are measured on a few of the
+user's images before anything is built; the recipe's counts are then scaled so that the
+estimate stays within the limit, never below the quick recipe's counts. The chosen factor is
+stored by content, so an interrupted fit resumes with the same recipe (and the same caches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detectors.fit.challenge.adversarial import ATTACKS
+from detectors.fit.challenge.corruptions import ALL_CORRUPTIONS, SEVERITIES
+from detectors.fit.challenge.dataset import SPLITS
+from detectors.fit.challenge.ood import GENERIC_OOD_SETS
+from detectors.fit.domain import EPS_GRID, MINIMAL, FitRecipe
+from detectors.gradients import GradientFeatures
+
+# Share of the limit left for what the counts barely change: loading, H's fits, the report.
+_RESERVED = 0.2
+# Attacked images per attack variant, as ``build_split`` draws them.
+_ATTACK_DRAW = (1.4, 8)
+_SCALED_EPS_IMAGES = 96
+
+
+@dataclass(frozen=True)
+class PassCosts:
+    """Seconds per image on this machine: gradient features, and one forward and backward."""
+
+    features_s: float
+    gradient_s: float
+
+
+def measure_costs(model: torch.nn.Module, images: np.ndarray, batch: int = 16) -> PassCosts:
+    """Time the two kinds of pass on up to ``batch`` of ``images`` (after a warm-up)."""
+    x = torch.from_numpy(np.ascontiguousarray(images[:batch], dtype=np.float32))
+    engine = GradientFeatures(model)
+    engine.signals(x[:2])
+    start = time.perf_counter()
+    engine.signals(x)
+    features = (time.perf_counter() - start) / len(x)
+
+    def step() -> None:
+        probe = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.grad(model(probe).logsumexp(1).sum(), [probe])
+
+    step()
+    start = time.perf_counter()
+    step()
+    gradient = (time.perf_counter() - start) / len(x)
+    return PassCosts(features, gradient)
+
+
+def _attack_passes(name: str) -> float:
+    """Forward-and-backward passes one attacked image costs at one level, at worst."""
+    if name == MINIMAL:
+        return 6 * 10 + 6  # masked PGD at up to six budgets (``build_split``)
+    params = ATTACKS[name].params
+    if name == "square":
+        return params["n_queries"] / 3  # forward passes only
+    return float(params.get("steps", 1)) + 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    feature_images: int
+    gradient_passes: float
+
+    def seconds(self, costs: PassCosts) -> float:
+        return self.feature_images * costs.features_s + self.gradient_passes * costs.gradient_s
+
+
+def workload(recipe: FitRecipe, user_ood_sets: int = 0) -> Workload:
+    """How many images get features and how many gradient passes the attacks take."""
+    ood_sets = len(recipe.ood_sets or GENERIC_OOD_SETS) + user_ood_sets
+    variants = len(recipe.corruptions or ALL_CORRUPTIONS) * len(SEVERITIES)
+    features = 0
+    passes = len(EPS_GRID) * _SCALED_EPS_IMAGES * (_attack_passes("pgd"))
+    for split in SPLITS:
+        n = recipe.adversarial_per_variant[split]
+        drawn = _ATTACK_DRAW[0] * n + _ATTACK_DRAW[1]
+        levels = {a: 1 if a == MINIMAL else len(ATTACKS[a].strengths) for a in recipe.attacks}
+        features += recipe.clean[split] + ood_sets * recipe.ood_per_set[split]
+        features += variants * recipe.corrupted_per_variant[split]
+        features += n * sum(levels.values())
+        passes += drawn * sum(_attack_passes(a) * k for a, k in levels.items())
+        if split == "test":  # the report's peers that backpropagate (ODIN, GradNorm)
+            passes += 2 * features
+    return Workload(features, passes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    factor: float  # every count of the requested recipe times this (1: as requested)
+    estimate_s: float  # the requested recipe's challenge work
+    planned_s: float  # the planned recipe's
+    costs: PassCosts
+
+    def recipe(self, requested: FitRecipe) -> FitRecipe:
+        return requested if self.factor >= 1 else requested.scaled(self.factor)
+
+
+def plan(
+    requested: FitRecipe, costs: PassCosts, limit_s: float | None, user_ood_sets: int = 0
+) -> Plan:
+    """The largest factor (at most 1) whose challenge work fits in the limit less a reserve,
+    but never fewer images than the quick recipe's."""
+    estimate = workload(requested, user_ood_sets).seconds(costs)
+
+    def seconds(factor: float) -> float:
+        return workload(requested.scaled(factor), user_ood_sets).seconds(costs)
+
+    factor = 1.0
+    if limit_s and estimate > limit_s * (1 - _RESERVED):
+        target = limit_s * (1 - _RESERVED)
+        # Counts round and some costs are fixed: bisect on the scaled recipe itself.
+        low = FitRecipe.quick().clean["train"] / requested.clean["train"]
+        high = 1.0
+        if seconds(low) < target:
+            for _ in range(30):
+                middle = (low + high) / 2
+                low, high = (middle, high) if seconds(middle) <= target else (low, middle)
+        factor = min(1.0, low)
+    planned = estimate if factor >= 1 else seconds(factor)
+    return Plan(factor, estimate, planned, costs)
+
+
+def stored_plan(folder: Path, identity: dict, make: Callable[[], Plan]) -> Plan:
+    """The plan stored for ``identity`` (classifier, data, recipe, limit), else ``make()``
+    stored: timings vary from run to run, and a resumed fit must choose the same recipe."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / f"plan-{key}.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        return Plan(
+            stored["factor"],
+            stored["estimate_s"],
+            stored["planned_s"],
+            PassCosts(**stored["costs"]),
+        )
+    result = make()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    tmp.rename(path)
+    return result
