@@ -809,6 +809,8 @@ def run(count: int, model_dirs: Sequence[str], seed: int, progress: bool = True)
         after = probe_verdicts(server.target, served.models) if alive else {}
         resources_after = server.resources() if alive else {}
         exit_code = server.stop()
+        # Tracebacks the server logged (an unexpected error is logged at ERROR).
+        log_errors = [line.strip() for line in server.log if " ERROR " in line]
     return {
         "count": count,
         "seed": seed,
@@ -821,6 +823,7 @@ def run(count: int, model_dirs: Sequence[str], seed: int, progress: bool = True)
         "findings": tally.findings,
         "alive": alive,
         "exit_code": exit_code,
+        "log_errors": log_errors,
         "probes_before": before,
         "probes_after": after,
         "rss_before": resources_before["rss_bytes"],
@@ -865,7 +868,7 @@ def markdown(r: dict) -> str:
     same = r["probes_after"] == r["probes_before"]
     findings = "\n".join(f"- {f}" for f in r["findings"]) or "- none"
     fixed = "\n".join(f"- {f}" for f in FIXED)
-    ok = not r["findings"] and bad == 0 and r["alive"] and same
+    ok = not r["findings"] and bad == 0 and r["alive"] and same and not r["log_errors"]
     return f"""## Fuzzing the gRPC surface (`python -m benchmarks.fuzz --count {r["count"]}`)
 
 {environment()}. A real `gradprobe serve` process on loopback serving {", ".join(r["models"])}
@@ -880,6 +883,7 @@ for streams those of each request's answer.
 
 - INTERNAL or UNKNOWN: **{bad}**; findings (a status other than the case called for, an answer
   that does not match its request, a lost stream answer): **{len(r["findings"])}**
+- errors in the server's log: **{len(r["log_errors"])}**
 - server crashes: **{0 if r["alive"] else 1}** (still serving after the run, then exit status
   {r["exit_code"]} on SIGTERM); RSS {r["rss_before"] / 2**20:.0f} MiB before,
   {r["rss_after"] / 2**20:.0f} MiB after
