@@ -489,11 +489,14 @@ def run(
         "max_requests": max_requests,
         "interval_s": interval_s,
         "probe_every_s": probe_every_s,
+        "sample_s": sample_s,
         "seed": seed,
         "models": [f"{m.name} {list(m.shape)}" for m in models],
         "server_flags": flags,
         "totals": ledger.totals(),
         "intervals": _intervals(ledger.latencies, samples, probes, elapsed, interval_s, ledger),
+        "window_s": min(10.0, interval_s / 2),
+        "windows": _windows(ledger.latencies, elapsed, min(10.0, interval_s / 2)),
         "samples": samples,
         "probes": probes,
         "probe_images": sum(len(v) for v in probes_at_start.values()),
@@ -534,8 +537,9 @@ def _intervals(
     interval_s: float,
     ledger: Ledger,
 ) -> list[dict[str, Any]]:
-    """Per interval: latency percentiles of unary Assess, answers, and the server's largest
-    RSS, threads and fds sampled in it."""
+    """Per interval: latency percentiles of unary Assess, answers, and the median of the
+    server's RSS, threads and fds sampled in it (the median: a stream's reader thread lives as
+    long as its stream, so the count moves with the load from sample to sample)."""
     # Whole intervals; the last takes the few seconds past them (the clients' last calls).
     count = max(1, int(elapsed // interval_s))
     rows = []
@@ -551,12 +555,32 @@ def _intervals(
                 "assess_ok": len(window),
                 "p50_ms": _percentile(window, 50),
                 "p99_ms": _percentile(window, 99),
-                "rss_mib": max(s["rss_bytes"] for s in inside) / 2**20 if inside else 0.0,
-                "threads": max(s["threads"] for s in inside) if inside else 0,
-                "fds": max(s["fds"] for s in inside) if inside else 0,
+                "rss_mib": _median(inside, "rss_bytes") / 2**20,
+                "threads": round(_median(inside, "threads")),
+                "fds": round(_median(inside, "fds")),
                 "probes": [p["same"] for p in probes if low <= p["t"] < high],
             }
         )
+    return rows
+
+
+def _median(samples: list[dict], key: str) -> float:
+    return float(np.median([s[key] for s in samples])) if samples else 0.0
+
+
+def _windows(latencies: list[tuple[float, float]], elapsed: float, width: float) -> list[dict]:
+    """p50/p99 of unary Assess in consecutive windows of ``width`` seconds (for the plot)."""
+    rows = []
+    for i in range(max(1, int(np.ceil(elapsed / width)))):
+        window = [ms for t, ms in latencies if i * width <= t < (i + 1) * width]
+        if window:
+            rows.append(
+                {
+                    "t": (i + 0.5) * width,
+                    "p50_ms": _percentile(window, 50),
+                    "p99_ms": _percentile(window, 99),
+                }
+            )
     return rows
 
 
@@ -679,8 +703,8 @@ def markdown(r: dict[str, Any], plot: Path | None = None) -> str:
 - Every request id is unique, and its answer must echo it. {r["probe_images"]} probe images
   are assessed at the start and every {r["probe_every_s"]:g} s under the load.
 
-Per {unit} (latency: unary Assess answered OK; RSS, threads and fds: the largest sampled in the
-{unit}):
+Per {unit} (latency: unary Assess answered OK; RSS, threads and fds: the median of the samples
+taken every {r["sample_s"]:g} s in the {unit}):
 
 | {unit} | s | Assess OK | p50 ms | p99 ms | RSS MiB | threads | fds | probes same |
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -716,28 +740,34 @@ def _expect_of(action: str) -> frozenset[str]:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    """p50/p99 per interval and the server's RSS, threads and fds over time, as a PNG."""
+    """p50/p99 of unary Assess and the server's RSS, threads and fds over time, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    rows = [row for row in r["intervals"] if row["p50_ms"] is not None]
+    windows, width = r["windows"], r["window_s"]
+    times = [w["t"] for w in windows]
+    top.plot(times, [w["p50_ms"] for w in windows], ".-", label=f"p50 per {width:g} s")
+    top.plot(times, [w["p99_ms"] for w in windows], ".-", label=f"p99 per {width:g} s")
+    rows = [row for row in r["intervals"] if row["p99_ms"] is not None]
     middles = [(row["interval"] - 0.5) * r["interval_s"] for row in rows]
-    top.plot(middles, [row["p50_ms"] for row in rows], "o-", label="p50")
-    top.plot(middles, [row["p99_ms"] for row in rows], "s-", label="p99")
+    top.plot(middles, [row["p99_ms"] for row in rows], "s", color="C1", label="p99 per interval")
     top.set_ylabel("unary Assess ms")
+    top.set_ylim(bottom=0)
     top.legend()
     top.grid(alpha=0.3)
     times = [s["t"] for s in r["samples"]]
     bottom.plot(times, [s["rss_bytes"] / 2**20 for s in r["samples"]], color="C2", label="RSS")
     bottom.set_ylabel("server RSS MiB")
+    bottom.set_ylim(bottom=0)
     bottom.set_xlabel("seconds")
     counts = bottom.twinx()
     counts.plot(times, [s["threads"] for s in r["samples"]], color="C3", label="threads")
     counts.plot(times, [s["fds"] for s in r["samples"]], color="C4", label="fds")
     counts.set_ylabel("threads, fds")
+    counts.set_ylim(bottom=0)
     lines = bottom.get_lines() + counts.get_lines()
     bottom.legend(lines, [line.get_label() for line in lines], loc="lower right")
     bottom.grid(alpha=0.3)
