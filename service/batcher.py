@@ -12,10 +12,11 @@ images and hands each request its slice.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -93,6 +94,7 @@ class MicroBatcher:
         self._observer = observer
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_images = 0
+        self._admitted_images = 0  # being decoded, not queued yet
         self._condition = threading.Condition()
         self._accepting = False
         self._stopping = False
@@ -119,6 +121,29 @@ class MicroBatcher:
             self._condition.notify_all()
         if self._worker is not None:
             self._worker.join(timeout)
+
+    @contextlib.contextmanager
+    def admitting(self, images: int) -> Iterator[None]:
+        """Room for ``images`` that are about to be decoded, held until the block ends.
+
+        Decoding allocates the float batch before ``submit`` can refuse it; a request the
+        queue has no room for, counting those being decoded, is refused before it allocates.
+        """
+        with self._condition:
+            if not self._accepting:
+                raise NotReady("the server is not accepting requests (starting or stopping)")
+            waiting = self._queued_images + self._admitted_images
+            if waiting + images > self.max_queue:
+                raise Overloaded(
+                    f"the queue is full ({waiting} of {self.max_queue} images waiting or being "
+                    "decoded); retry with backoff"
+                )
+            self._admitted_images += images
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._admitted_images -= images
 
     def submit(
         self,

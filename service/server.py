@@ -474,12 +474,18 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         """Decode and validate, then queue; returns the model, the future and the decode
         time (ms)."""
         model = self._model(model_name)
-        start = time.monotonic()
-        batch = decode_images(images, self.settings.max_images_per_request, model.spec)
-        decode_ms = (time.monotonic() - start) * 1000
-        remaining = _time_remaining(context)
-        deadline = None if remaining is None else time.monotonic() + remaining
-        future = model.batcher.submit(kind, batch, deadline=deadline, is_active=context.is_active)
+        limit = self.settings.max_images_per_request
+        if not 0 < len(images) <= limit:
+            decode_images(images, limit, model.spec)  # refuses the count, allocating nothing
+        with model.batcher.admitting(len(images)):
+            start = time.monotonic()
+            batch = decode_images(images, limit, model.spec)
+            decode_ms = (time.monotonic() - start) * 1000
+            remaining = _time_remaining(context)
+            deadline = None if remaining is None else time.monotonic() + remaining
+            future = model.batcher.submit(
+                kind, batch, deadline=deadline, is_active=context.is_active
+            )
         return model, future, decode_ms
 
     @staticmethod

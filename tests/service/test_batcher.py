@@ -125,6 +125,32 @@ def test_a_full_queue_is_overloaded():
     batcher.stop(5)
 
 
+def test_images_being_decoded_count_against_the_queue_before_they_are_allocated():
+    compute = Recorder()
+    batcher = make(compute, max_queue=4)
+    hold(compute, batcher)
+    with batcher.admitting(3):
+        # Room for 3 is held while they decode: a 2-image request is refused before decoding.
+        with pytest.raises(Overloaded, match="being decoded"):
+            with batcher.admitting(2):
+                pytest.fail("admitted past the queue's room")
+        future = batcher.submit("assess", images(0.1, 0.2, 0.3))
+    # Queued now, and the decode's hold is released: 1 more image fits, 2 do not.
+    with batcher.admitting(1):
+        pass
+    with pytest.raises(Overloaded):
+        with batcher.admitting(2):
+            pass
+    compute.gate.set()
+    assert future.result(5).batch_size == 3
+    with batcher.admitting(4):  # all room is back once computed
+        pass
+    batcher.stop(5)
+    with pytest.raises(NotReady):
+        with batcher.admitting(1):
+            pass
+
+
 def test_expired_and_cancelled_requests_are_dropped_before_compute():
     compute = Recorder()
     drops: list[str] = []
