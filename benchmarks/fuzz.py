@@ -940,10 +940,9 @@ before the batch is allocated; raw pixels must have the model's shape, a known d
 exactly the bytes those take before any array is made of them (no copy); an encoded image is
 read by PNG's or JPEG's parser only, and its size is taken from the header and checked before
 a pixel is decoded (bombs above are refused unread; a PNG's image data stops inflating at the
-declared size). Left open: the decoded batch, at most max-images-per-request × the pixels ×
-4 bytes, is allocated before the queue's capacity is checked, whatever the message's size: 0.8
-MB for the built-in model, but 154 MB for a 224×224 RGB model at the default 256 images, on
-each of `--workers` handler threads at once.
+declared size). Images being decoded count against the queue's room (`--max-queue`) before
+their float batch is allocated, so decoded pixels held at once stay within twice the queue's
+images, whatever the number of handler threads.
 
 Result: **{"pass" if ok else "FAIL"}**.
 """
