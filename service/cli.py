@@ -473,6 +473,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"{args.output} exists and is not a model dir; choose another --output"
             )
+    if args.time_limit < 0:
+        raise UsageError("--time-limit is in minutes, 0 or more (0: no limit)")
     recipe = FitRecipe.quick(args.seed) if args.quick else FitRecipe(seed=args.seed)
     if args.budget != 1.0:
         recipe = recipe.scaled(args.budget)

@@ -92,18 +92,20 @@ def workload(recipe: FitRecipe, user_ood_sets: int = 0) -> Workload:
         n = recipe.adversarial_per_variant[split]
         drawn = _ATTACK_DRAW[0] * n + _ATTACK_DRAW[1]
         levels = {a: 1 if a == MINIMAL else len(ATTACKS[a].strengths) for a in recipe.attacks}
-        features += recipe.clean[split] + ood_sets * recipe.ood_per_set[split]
-        features += variants * recipe.corrupted_per_variant[split]
-        features += n * sum(levels.values())
+        images = recipe.clean[split] + ood_sets * recipe.ood_per_set[split]
+        images += variants * recipe.corrupted_per_variant[split]
+        images += n * sum(levels.values())
+        features += images
         passes += drawn * sum(_attack_passes(a) * k for a, k in levels.items())
         if split == "test":  # the report's peers that backpropagate (ODIN, GradNorm)
-            passes += 2 * features
+            passes += 2 * images
     return Workload(features, passes)
 
 
 @dataclass(frozen=True)
 class Plan:
     factor: float  # every count of the requested recipe times this (1: as requested)
+    within: bool  # False: even the smallest recipe's estimate exceeds the limit
     estimate_s: float  # the requested recipe's challenge work
     planned_s: float  # the planned recipe's
     costs: PassCosts
@@ -126,7 +128,7 @@ def plan(
     if limit_s and estimate > limit_s * (1 - _RESERVED):
         target = limit_s * (1 - _RESERVED)
         # Counts round and some costs are fixed: bisect on the scaled recipe itself.
-        low = FitRecipe.quick().clean["train"] / requested.clean["train"]
+        low = min(1.0, FitRecipe.quick().clean["train"] / max(requested.clean["train"], 1))
         high = 1.0
         if seconds(low) < target:
             for _ in range(30):
@@ -134,7 +136,8 @@ def plan(
                 low, high = (middle, high) if seconds(middle) <= target else (low, middle)
         factor = min(1.0, low)
     planned = estimate if factor >= 1 else seconds(factor)
-    return Plan(factor, estimate, planned, costs)
+    within = not limit_s or planned <= limit_s * (1 - _RESERVED)
+    return Plan(factor, within, estimate, planned, costs)
 
 
 def stored_plan(folder: Path, identity: dict, make: Callable[[], Plan]) -> Plan:
@@ -146,6 +149,7 @@ def stored_plan(folder: Path, identity: dict, make: Callable[[], Plan]) -> Plan:
         stored = json.loads(path.read_text())
         return Plan(
             stored["factor"],
+            stored["within"],
             stored["estimate_s"],
             stored["planned_s"],
             PassCosts(**stored["costs"]),

@@ -39,6 +39,7 @@ from detectors.fit.domain import (
     split_sources,
     split_val_sources,
 )
+from detectors.fit.plan import Plan
 from detectors.gradients import GradientFeatures
 from detectors.importer import load_program
 from detectors.model_dir import (
@@ -290,8 +291,9 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
             raise DataError(
                 f"{exc}; the training data has {len(train.classes)} classes ({shown})"
             ) from None
-        options = _planned(options, loaded, train, val, len(user_ood))
+        options, time_plan = _planned(options, loaded, train, val, len(user_ood))
         data, sources, summary = prepare_data(loaded, train, val, user_ood, options)
+        summary["time_plan"] = asdict(time_plan)
         predicted = _predictions(loaded.module, sources.images["test"])
         accuracy = float((predicted == sources.labels["test"]).mean())
         manifest = loaded.manifest
@@ -327,8 +329,11 @@ def _planned(
     train: LabelledImages,
     val: LabelledImages | None,
     user_ood_sets: int,
-) -> FitOptions:
-    """``options`` with the recipe sized to the time limit (``detectors.fit.plan``)."""
+) -> tuple[FitOptions, Plan]:
+    """``options`` with the recipe sized to the time limit (``detectors.fit.plan``), and the
+    plan."""
+    import os
+
     from detectors.fit import plan as planning
 
     identity = {
@@ -337,6 +342,8 @@ def _planned(
         "recipe": asdict(options.recipe),
         "limit": options.time_limit_s,
         "user_ood_sets": user_ood_sets,
+        # Measured here: another machine (or thread count) measures again.
+        "machine": [os.cpu_count(), torch.get_num_threads(), torch.__version__],
     }
 
     def make() -> planning.Plan:
@@ -353,15 +360,23 @@ def _planned(
         f"size: about {chosen.estimate_s / 60:.0f} min",
     )
     if chosen.factor >= 1:
-        return options
+        return options, chosen
     limit = (options.time_limit_s or 0) / 60
-    _note(
-        options,
-        f"scaling every challenge-image count by {chosen.factor:.3g} to stay within "
-        f"--time-limit {limit:.0f} min (about {chosen.planned_s / 60:.0f} min); a larger "
-        "limit, or a GPU, gives H more to learn from",
-    )
-    return replace(options, recipe=chosen.recipe(options.recipe))
+    if chosen.within:
+        _note(
+            options,
+            f"scaling every challenge-image count by {chosen.factor:.3g} to stay within "
+            f"--time-limit {limit:.0f} min (about {chosen.planned_s / 60:.0f} min); a larger "
+            "limit gives H more to learn from",
+        )
+    else:
+        _note(
+            options,
+            f"even the smallest challenge data takes about {chosen.planned_s / 60:.0f} min "
+            f"here, past --time-limit {limit:.0f} min: building that (about "
+            f"{chosen.factor:.3g} of the requested counts)",
+        )
+    return replace(options, recipe=chosen.recipe(options.recipe)), chosen
 
 
 def train_detector(

@@ -44,6 +44,8 @@ def test_a_slow_classifier_is_scaled_to_fit_the_limit() -> None:
 def test_never_below_the_quick_recipe_and_no_limit_means_no_scaling() -> None:
     hopeless = plan(FitRecipe(), SLOW, limit_s=60)
     assert hopeless.recipe(FitRecipe()).clean["train"] >= FitRecipe.quick().clean["train"]
+    assert not hopeless.within
+    assert plan(FitRecipe(), SLOW, limit_s=3 * 3600).within
     assert plan(FitRecipe(), SLOW, limit_s=None).factor == 1.0
 
 
