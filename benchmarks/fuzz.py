@@ -7,13 +7,13 @@ could send: random bytes as the serialized request (sent through a generic chann
 identity serializers), mutated valid requests, invalid UTF-8 in string fields, raw pixels of
 wrong, zero, negative or huge shapes, unknown dtypes and enum values, NaN and infinities,
 truncated PNG/JPEG files, headers that lie about the size, decompression bombs (a small file
-declaring a huge image), other image formats, oversize messages, too many images, unknown
-model names, unknown methods, health and reflection fed garbage, and streams that mix good
-and bad requests. Every call must end with a defined status (OK, INVALID_ARGUMENT, NOT_FOUND,
-RESOURCE_EXHAUSTED, UNIMPLEMENTED: never INTERNAL or UNKNOWN), with the status the case
-calls for where it calls for one, valid answers where it is OK, request ids echoed; the
-server must stay up, and a fixed set of probe images gets the same verdicts after the run as
-before it.
+declaring a huge image), other image formats, oversize messages, too many images, unknown model
+names, fields thousands of entries long (quoted in error messages), unknown methods, health and
+reflection fed garbage, and streams that mix good and bad requests. Every call must end with a
+defined status (OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED: never
+INTERNAL or UNKNOWN), with the status the case calls for where it calls for one, valid answers
+where it is OK, request ids echoed; the server must stay up, and a fixed set of probe images
+gets the same verdicts after the run as before it.
 
 The benchmark runs a real ``gradprobe serve`` process (the built-in model, plus any
 ``--model-dir``) and writes the "fuzz" section of RELIABILITY.md;
@@ -495,6 +495,36 @@ class Cases:
 
         return build()
 
+    def long_fields(self) -> st.SearchStrategy[Case]:
+        """Fields far longer than any real one, of the kind error messages quote: a model name
+        of thousands of characters (NOT_FOUND) or raw pixels whose shape has thousands of
+        entries (INVALID_ARGUMENT). Quoted whole, they made the status trailer exceed the
+        client's metadata limit: the client saw RESOURCE_EXHAUSTED, not the status."""
+        # Room in the message for the field (up to 3 bytes a character) and an image.
+        longest = max(1_000, min(60_000, (self.served.max_message_bytes - 16 * 1024) // 3))
+        lengths = st.integers(1_000, longest)
+
+        @st.composite
+        def build(draw: st.DrawFn) -> Case:
+            chosen = draw(self.model)
+            if draw(st.booleans()):
+                name = draw(st.sampled_from(["x", "é", "✓", chosen.name])) * draw(lengths)
+                method = draw(st.sampled_from(("Assess", "Predict", "GetModelInfo")))
+                if method == "GetModelInfo":
+                    request = pb.GetModelInfoRequest(model=name).SerializeToString()
+                else:
+                    image = draw(self.good_image(chosen))
+                    request = _request(method, [image], name, draw(ids))
+                return Case("long_fields", PREFIX + method, (request,), frozenset({"NOT_FOUND"}))
+            method = draw(self.method)
+            shape = [draw(st.integers(0, 127))] * draw(lengths)  # one byte an entry
+            dtype = draw(st.sampled_from([pb.RawPixels.UINT8, pb.RawPixels.FLOAT32]))
+            image = pb.Image(raw=pb.RawPixels(shape=shape, dtype=dtype, data=bytes(64)))
+            request = _request(method, [image], chosen.name, draw(ids))
+            return Case("long_fields", PREFIX + method, (request,), INVALID)
+
+        return build()
+
     def bad_utf8(self) -> st.SearchStrategy[Case]:
         """A string field (model, request_id) holding bytes that are not UTF-8."""
 
@@ -623,6 +653,7 @@ KINDS = (
     "many_images",
     "empty",
     "unknown_model",
+    "long_fields",
     "bad_utf8",
     "random_bytes",
     "mutated",

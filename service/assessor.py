@@ -8,9 +8,9 @@ handler are thin layers over ``Assessor``. Inputs reaching it are already valida
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from detectors.gradients import GradientFeatures, GradientSignals
 from detectors.model_dir import LoadedClassifier
 
 VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
+T = TypeVar("T")
 
 
 class Detector(Protocol):
@@ -109,15 +110,11 @@ class Assessor:
 # ----------------------------------------------------------------------------- accelerator memory
 
 
-class OutOfMemory(RuntimeError):
-    """One image alone does not fit in the accelerator's memory."""
-
-
 @dataclass(frozen=True)
 class MemoryCap:
     """Fault injection: an accelerator that holds at most ``images`` images in one pass.
 
-    ``assess_within_memory`` checks it before each pass and, above the cap, raises
+    ``within_memory`` checks it before each pass and, above the cap, raises
     ``torch.cuda.OutOfMemoryError`` as CUDA does, so that the split-and-retry path runs (and is
     tested) on a CPU. Only ``gradprobe serve --simulate-memory-cap N`` sets one.
     """
@@ -139,43 +136,61 @@ def release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def assess_within_memory(
-    assess: Callable[[np.ndarray], BatchAssessment],
-    images: np.ndarray,
-    *,
-    on_split: Callable[[int], None] | None = None,
-    memory_cap: MemoryCap | None = None,
-) -> BatchAssessment:
-    """``assess(images)``; when the accelerator runs out of memory, the cache is emptied and
-    the batch assessed in halves, recursively down to single images.
+@dataclass
+class WithinMemory(Generic[T]):
+    """What ``within_memory`` computed: one result per image, in order, None for an image
+    that alone did not fit in the accelerator's memory."""
 
-    Every image's assessment is its own (per-sample gradients), so the halves' answers, in
-    order, are the batch's; stage timings are summed over the passes. ``on_split`` gets the
-    size of each batch that is split. Raises ``OutOfMemory`` when one image alone fails.
+    results: list[T | None]
+    timings_ms: dict[str, float]  # summed over the passes
+    splits: list[int] = field(default_factory=list)  # sizes of the batches split, in order
+    reason: str = ""  # the device's first out-of-memory message (for the server's log)
+
+    @property
+    def failed(self) -> int:
+        return sum(result is None for result in self.results)
+
+
+Compute = Callable[[np.ndarray], tuple[Sequence[T], dict[str, float]]]
+
+
+def within_memory(
+    compute: Compute[T], images: np.ndarray, *, memory_cap: MemoryCap | None = None
+) -> WithinMemory[T]:
+    """``compute(images)`` (per-image results and stage timings); when the accelerator runs
+    out of memory, the cache is emptied and the batch computed in halves, recursively down to
+    single images.
+
+    Every image's result is its own (per-sample gradients), so the halves' results, in order,
+    are the batch's. A single image that still does not fit gets None in its place; the other
+    images' results are kept, never recomputed.
     """
+    out: WithinMemory[T] = WithinMemory([], {})
+    _compute_into(out, compute, images, memory_cap)
+    return out
+
+
+def _compute_into(
+    out: WithinMemory[T], compute: Compute[T], images: np.ndarray, memory_cap: MemoryCap | None
+) -> None:
     try:
         if memory_cap is not None:
             memory_cap.check(len(images))
-        return assess(images)
+        results, timings = compute(images)
     except torch.cuda.OutOfMemoryError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    else:
+        out.results.extend(results)
+        for stage, ms in timings.items():
+            out.timings_ms[stage] = out.timings_ms.get(stage, 0.0) + ms
+        return
     # Emptied outside the except block: its traceback holds the failed pass's tensors.
     release_accelerator_memory()
+    out.reason = out.reason or reason
     if len(images) == 1:
-        raise OutOfMemory(
-            f"one image alone does not fit in the accelerator's memory ({reason}); retry "
-            "later, when other work on the device has finished, or serve this model on a "
-            "device with more free memory (or --device cpu)"
-        )
-    if on_split is not None:
-        on_split(len(images))
+        out.results.append(None)
+        return
+    out.splits.append(len(images))
     half = (len(images) + 1) // 2
-    parts = [
-        assess_within_memory(assess, part, on_split=on_split, memory_cap=memory_cap)
-        for part in (images[:half], images[half:])
-    ]
-    timings: dict[str, float] = {}
-    for part in parts:
-        for stage, ms in part.timings_ms.items():
-            timings[stage] = timings.get(stage, 0.0) + ms
-    return BatchAssessment([a for part in parts for a in part.assessments], timings)
+    for part in (images[:half], images[half:]):
+        _compute_into(out, compute, part, memory_cap)

@@ -30,7 +30,11 @@ log = logging.getLogger("gradprobe.batcher")
 
 @dataclass
 class BatchOutput:
-    """What a compute returns for a stacked batch: one result per image, and stage timings."""
+    """What a compute returns for a stacked batch: one result per image, and stage timings.
+
+    An exception in an image's place fails that image's request with it; the batch's other
+    requests get their results (nothing is recomputed).
+    """
 
     results: Sequence[Any]
     timings_ms: dict[str, float]
@@ -253,10 +257,7 @@ class MicroBatcher:
         offset = 0
         for job in batch:
             n = len(job.images)
-            timings = {"queue": (started - job.enqueued) * 1000, **output.timings_ms}
-            job.future.set_result(
-                JobResult(list(output.results[offset : offset + n]), timings, len(stacked))
-            )
+            _resolve(job, output.results[offset : offset + n], output, started, len(stacked))
             offset += n
 
     def _compute_alone(self, job: _Job) -> None:
@@ -266,5 +267,17 @@ class MicroBatcher:
         except Exception as exc:
             job.future.set_exception(exc)
             return
-        timings = {"queue": (started - job.enqueued) * 1000, **output.timings_ms}
-        job.future.set_result(JobResult(list(output.results), timings, len(job.images)))
+        _resolve(job, output.results, output, started, len(job.images))
+
+
+def _resolve(
+    job: _Job, results: Sequence[Any], output: BatchOutput, started: float, batch_size: int
+) -> None:
+    """Answer ``job`` with its share of a batch: its results, or the first exception among
+    them."""
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        job.future.set_exception(failure)
+        return
+    timings = {"queue": (started - job.enqueued) * 1000, **output.timings_ms}
+    job.future.set_result(JobResult(list(results), timings, batch_size))

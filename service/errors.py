@@ -2,25 +2,35 @@
 
 Servicer code raises; ``StatusInterceptor`` turns the exception into the RPC's status (in the
 style of KServe's exception → status mapping). Client mistakes keep their message, since it
-says what to fix; anything unexpected becomes INTERNAL with a generic message, and the
-traceback goes to the server log only.
+says what to fix (capped in length: it travels in the status trailer); anything unexpected
+becomes INTERNAL with a generic message, and the traceback goes to the server log only.
 """
 
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from service.assessor import OutOfMemory
 from service.inputs import InvalidInput
 
 log = logging.getLogger("gradprobe.server")
 
 SERVICE_PREFIX = "/gradprobe.v1.Reliability/"
 INTERNAL_MESSAGE = "internal error while assessing the request; see the server log"
+# The message travels percent-encoded in the status trailer, which the client refuses past its
+# metadata limit (by default 8 KiB, refused at random, to 16 KiB, always: it then sees
+# RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" in place of the status).
+# Counted in UTF-8 bytes, each of which encodes to at most 3 characters, so even a message of
+# non-ASCII characters or "%" stays well under it.
+MAX_MESSAGE_BYTES = 1000
+OUT_OF_MEMORY_MESSAGE = (
+    "out of accelerator memory even for one image alone; retry later, when other work on the "
+    "device has finished, or ask the server's operator for a device with more free memory"
+)
 
 
 class ServiceError(Exception):
@@ -47,6 +57,29 @@ class Cancelled(ServiceError):
     """The client went away before the request was computed."""
 
 
+class OutOfMemory(ServiceError):
+    """An image that alone does not fit in the accelerator's memory.
+
+    The message is generic: the device's own (CUDA's names the device's memory and other
+    processes' use of it) goes to the server log only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(OUT_OF_MEMORY_MESSAGE)
+
+
+_ECHO = reprlib.Repr()
+_ECHO.maxlist = _ECHO.maxtuple = 8
+_ECHO.maxstring = 80
+_ECHO.maxother = 80
+
+
+def echo(value: object) -> str:
+    """``repr(value)`` shortened (reprlib-style: ``[7, 7, 7, ...]``, ``'mmm...mmm'``), for
+    client-supplied values quoted in error messages."""
+    return _ECHO.repr(value)
+
+
 # Order matters only for subclasses; InvalidInput is the one shared with the CLI.
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -69,7 +102,8 @@ class MalformedRequest:
     """
 
     def __init__(self, reason: str) -> None:
-        self.message = f"the request is not a valid protobuf message of this method ({reason})"
+        message = f"the request is not a valid protobuf message of this method ({reason})"
+        self.message = capped(message)
 
 
 def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -86,11 +120,23 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and the client-facing message for an exception."""
+    """The gRPC status and the client-facing message for an exception (at most
+    ``MAX_MESSAGE_BYTES`` of UTF-8)."""
     for kind, code in _STATUS:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, capped(str(exc))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def capped(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to ``limit`` bytes of UTF-8, ending with "…" when cut: a backstop for
+    values a message quotes without shortening them."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    ellipsis = "…"
+    room = limit - len(ellipsis.encode())
+    return data[:room].decode(errors="ignore") + ellipsis
 
 
 def log_if_unexpected(exc: BaseException, method: str) -> None:
@@ -181,9 +227,25 @@ class StatusInterceptor(grpc.ServerInterceptor):
         context.abort(code, message)
 
 
+# Attributes gRPC reads on a handler's behavior to decide how to run it. grpc-health sets both
+# on Health.Watch: non-blocking (it answers through a callback and returns at once) on a pool
+# of its own. A wrapper without them runs Watch blocking, holding a worker thread for as long
+# as the stream is open: a few open Watch streams would starve every other call.
+_SCHEDULING = ("experimental_non_blocking", "experimental_thread_pool")
+
+
+def _scheduled_like(
+    wrapper: Callable[..., Any], behavior: Callable[..., Any]
+) -> Callable[..., Any]:
+    for name in _SCHEDULING:
+        if hasattr(behavior, name):
+            setattr(wrapper, name, getattr(behavior, name))
+    return wrapper
+
+
 def _refusing_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """Another service's handler (health, reflection) with requests that do not parse refused
-    as INVALID_ARGUMENT rather than gRPC's INTERNAL."""
+    as INVALID_ARGUMENT rather than gRPC's INTERNAL; run as gRPC would run the original."""
 
     def check(request: Any, context: grpc.ServicerContext) -> Any:
         if isinstance(request, MalformedRequest):
@@ -194,11 +256,18 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
         for request in requests:
             yield check(request, context)
 
+    # `*callback`: the response callback gRPC passes to a non-blocking behavior.
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        return lambda request, context: behavior(check(request, context), context)
+        def call(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+            return behavior(check(request, context), context, *callback)
+
+        return _scheduled_like(call, behavior)
 
     def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        return lambda requests, context: behavior(checked_stream(requests, context), context)
+        def call(requests: Iterator[Any], context: grpc.ServicerContext, *callback: Any) -> Any:
+            return behavior(checked_stream(requests, context), context, *callback)
+
+        return _scheduled_like(call, behavior)
 
     common = {
         "request_deserializer": _lenient(handler.request_deserializer),

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from service.errors import echo
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("gradprobe.security")
@@ -36,6 +37,7 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 EXEMPT_SERVICES = (HEALTH_SERVICE,)
 AUTHORIZATION = "authorization"
 BEARER = "bearer"
+IDENTITIES_SHOWN = 5  # client certificate names quoted in a PERMISSION_DENIED message
 # Below this, a token can be guessed; `openssl rand -hex 32` gives 64 characters.
 MIN_TOKEN_CHARS = 16
 TOKEN_HINT = "make one with `openssl rand -hex 32`"
@@ -44,7 +46,10 @@ MISSING_TOKEN = (
     "with a token listed in the server's --auth-token-file (gradprobe assess: --token-file or "
     "$GRADPROBE_TOKEN)"
 )
-MALFORMED_TOKEN = "the `authorization` metadata must read `Bearer <token>` (one space between)"
+MALFORMED_TOKEN = (
+    "the `authorization` metadata must read `Bearer <token>`: the scheme Bearer (in any case), "
+    "one or more spaces, then the token"
+)
 WRONG_TOKEN = (
     "the bearer token is not one this server accepts: send a token listed in the server's "
     "--auth-token-file (tokens are compared whole, case-sensitive)"
@@ -223,10 +228,12 @@ def token_problem(metadata: Iterable[tuple[str, Any]] | None, digests: Sequence[
     if not values:
         return MISSING_TOKEN
     value = values[0] if isinstance(values[0], str) else values[0].decode("ascii", "replace")
+    # RFC 6750: the scheme, one or more spaces, the token (as MALFORMED_TOKEN says).
     scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != BEARER or not token.strip():
+    token = token.lstrip(" ")
+    if scheme.lower() != BEARER or not token:
         return MALFORMED_TOKEN
-    presented = _digest(token.strip())
+    presented = _digest(token)
     accepted = False
     for digest in digests:  # all of them, so the time says nothing about which matched
         accepted |= hmac.compare_digest(digest, presented)
@@ -290,7 +297,11 @@ def _identity_checked(allowed: frozenset[str]) -> Callable[[Callable], Callable]
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             names = peer_identities(context)
             if not names & allowed:
-                shown = ", ".join(sorted(names)) or "none (no client certificate)"
+                # A certificate may carry any number of names: a few are enough to say which.
+                shown = ", ".join(echo(n) for n in sorted(names)[:IDENTITIES_SHOWN])
+                if len(names) > IDENTITIES_SHOWN:
+                    shown += f" and {len(names) - IDENTITIES_SHOWN} more"
+                shown = shown or "none (no client certificate)"
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"the client certificate's names ({shown}) are not in this server's "

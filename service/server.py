@@ -29,22 +29,17 @@ from grpc_reflection.v1alpha import reflection
 from detectors.spec import ModelSpec
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
 from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
-from service.assessor import (
-    VERDICTS,
-    Assessment,
-    Assessor,
-    BatchAssessment,
-    MemoryCap,
-    assess_within_memory,
-)
+from service.assessor import VERDICTS, Assessment, Assessor, MemoryCap, within_memory
 from service.batcher import BatchOutput, JobResult, MicroBatcher
 from service.errors import (
     DeadlineExceeded,
     MalformedRequest,
     NotReady,
+    OutOfMemory,
     ServiceError,
     StatusInterceptor,
     UnknownModel,
+    echo,
     log_if_unexpected,
     status_for,
 )
@@ -68,6 +63,12 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG chunks Pillow inflates while opening a file, text and the colour profile: up to 64 MB
 # (and half a second) from 60 KB of zTXt. The pixels never depend on them: dropped unread.
 _PNG_INFLATED_CHUNKS = frozenset({b"zTXt", b"iTXt", b"iCCP"})
+# Walking a PNG's chunks is a Python loop: 4 MB of empty 12-byte chunks (350,000) held the GIL
+# for most of a second. Real files have a few chunks plus their image data's, which encoders
+# write 8 KB (libpng) to 64 KB (Pillow) at a time; past this bound, with room for 4 KB ones, a
+# file is refused before the walk goes on.
+_PNG_MAX_CHUNKS = 1000
+_PNG_BYTES_PER_CHUNK = 4096
 # Named in the refusal of other formats; only PNG's and JPEG's parsers ever see the bytes.
 _OTHER_SIGNATURES = (
     (b"GIF8", "GIF"),
@@ -161,7 +162,7 @@ def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
     if shape not in accepted:
         kind = "grayscale" if spec.channels == 1 else "RGB"
         raise InvalidInput(
-            f"image {index}: shape is {shape}; this model takes "
+            f"image {index}: shape is {echo(shape)}; this model takes "
             f"{' or '.join(map(str, accepted))} for {pb.RawPixels.DType.Name(raw.dtype)} "
             f"pixels (one {kind} image per Image; send several Images for a batch)"
         )
@@ -173,7 +174,7 @@ def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
         elif dtype.itemsize == 1 and len(raw.data) == 4 * expected:
             hint = " (that looks like float32 pixels: set dtype FLOAT32)"
         raise InvalidInput(
-            f"image {index}: {shape} {pb.RawPixels.DType.Name(raw.dtype)} pixels take "
+            f"image {index}: {echo(shape)} {pb.RawPixels.DType.Name(raw.dtype)} pixels take "
             f"{expected} bytes; got {len(raw.data)}{hint}"
         )
     pixels = np.frombuffer(raw.data, dtype=dtype)
@@ -182,13 +183,21 @@ def _decode_raw(index: int, raw: pb.RawPixels, spec: ModelSpec) -> np.ndarray:
     return pixels.reshape(spec.input_shape)
 
 
-def _without_inflated_chunks(data: bytes) -> bytes:
-    """A PNG file without its compressed text and colour profile chunks (other bytes as
-    they are, a broken chunk structure included: Pillow refuses that)."""
+def _without_inflated_chunks(data: bytes, index: int = 0) -> bytes:
+    """A PNG file (image ``index`` of its request) without its compressed text and colour
+    profile chunks (other bytes as they are, a broken chunk structure included: Pillow
+    refuses that). ``InvalidInput`` for far more chunks than an encoder writes."""
     if not data.startswith(_PNG_SIGNATURE):
         return data
-    kept, at, dropped = [data[:8]], 8, False
+    limit = _PNG_MAX_CHUNKS + len(data) // _PNG_BYTES_PER_CHUNK
+    kept, at, dropped, chunks = [data[:8]], 8, False, 0
     while at + 8 <= len(data):
+        chunks += 1
+        if chunks > limit:
+            raise InvalidInput(
+                f"image {index}: the PNG holds more than {limit} chunks; encoders write a few "
+                "plus the image data's (8 KB or more each): re-encode the image"
+            )
         end = at + 12 + int.from_bytes(data[at : at + 4], "big")  # length, type, data, CRC
         if data[at + 4 : at + 8] in _PNG_INFLATED_CHUNKS:
             dropped = True
@@ -208,7 +217,7 @@ def _decode_encoded(index: int, data: bytes, spec: ModelSpec) -> np.ndarray:
     try:
         # Only PNG's and JPEG's parsers: Pillow would otherwise try each of its formats' on
         # the client's bytes, parsers this server never needs to expose.
-        data = _without_inflated_chunks(data)
+        data = _without_inflated_chunks(data, index)
         with Image.open(io.BytesIO(data), formats=_ENCODED_FORMATS) as decoded:
             if decoded.format not in _ENCODED_FORMATS:
                 raise InvalidInput(
@@ -389,7 +398,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             batcher = MicroBatcher(
                 {
                     "assess": functools.partial(self._assess_batch, assessor, metrics),
-                    "predict": functools.partial(self._predict_batch, assessor),
+                    "predict": functools.partial(self._predict_batch, assessor, metrics),
                 },
                 max_batch_size=self.settings.max_batch_size,
                 max_wait_ms=self.settings.max_wait_ms,
@@ -423,27 +432,55 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
         assert self._threads is not None
         threads = self._threads
 
-        def run(part: np.ndarray) -> BatchAssessment:
+        def run(part: np.ndarray) -> tuple[list[Assessment], dict[str, float]]:
             threads.use(len(part))
-            return assessor.assess(part)
+            batch = assessor.assess(part)
+            return batch.assessments, batch.timings_ms
 
-        def split(size: int) -> None:
-            log.warning("%s: out of accelerator memory on %d images; halving", assessor.name, size)
-            metrics.observe_memory_split()
+        return self._within_memory("Assess", assessor, metrics, run, images)
 
-        with self._compute_lock:
-            # A batch too big for the accelerator is split, never lost; a single image that
-            # does not fit fails its request alone (RESOURCE_EXHAUSTED, via the batcher).
-            batch = assess_within_memory(run, images, on_split=split, memory_cap=self._memory_cap)
-        return BatchOutput(batch.assessments, batch.timings_ms)
-
-    def _predict_batch(self, assessor: Assessor, images: np.ndarray) -> BatchOutput:
+    def _predict_batch(
+        self, assessor: Assessor, metrics: ModelMetrics, images: np.ndarray
+    ) -> BatchOutput:
         assert self._threads is not None
-        with self._compute_lock:
-            self._threads.use(len(images))
+        threads = self._threads
+
+        def run(part: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+            threads.use(len(part))
             start = time.perf_counter()
-            probabilities = assessor.predict(images)
-        return BatchOutput(list(probabilities), {"forward": (time.perf_counter() - start) * 1000})
+            probabilities = assessor.predict(part)
+            return probabilities, {"forward": (time.perf_counter() - start) * 1000}
+
+        return self._within_memory("Predict", assessor, metrics, run, images)
+
+    def _within_memory(
+        self,
+        what: str,
+        assessor: Assessor,
+        metrics: ModelMetrics,
+        run: Callable[[np.ndarray], tuple[Sequence[Any], dict[str, float]]],
+        images: np.ndarray,
+    ) -> BatchOutput:
+        """``run`` over a micro-batch, split in halves while the accelerator runs out of
+        memory; an image that does not fit even alone gets ``OutOfMemory`` in its place, which
+        fails its request only (the batcher answers the others with their results)."""
+        with self._compute_lock:
+            done = within_memory(run, images, memory_cap=self._memory_cap)
+        for _ in done.splits:
+            metrics.observe_memory_split()
+        if done.reason:  # once per micro-batch, however many splits it took
+            log.warning(
+                "%s: %s of %d images ran out of accelerator memory (%s): split %d times; "
+                "images that failed even alone: %d (their requests: RESOURCE_EXHAUSTED)",
+                assessor.name,
+                what,
+                len(images),
+                done.reason,
+                len(done.splits),
+                done.failed,
+            )
+        results = [OutOfMemory() if r is None else r for r in done.results]
+        return BatchOutput(results, done.timings_ms)
 
     # -- shared steps
 
@@ -459,7 +496,7 @@ class ReliabilityServicer(pb_grpc.ReliabilityServicer):
             )
         if name not in self.models:
             raise UnknownModel(
-                f"no model named {name!r} is served here; the models are: "
+                f"no model named {echo(name)} is served here; the models are: "
                 f"{', '.join(sorted(self.models))} (see ListModels)"
             )
         return self.models[name]
@@ -692,8 +729,8 @@ class ReliabilityServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.start()
         if self.settings.health_port >= 0:
-            # Health alone, in plaintext, for probes that cannot do TLS: it tells only
-            # SERVING or NOT_SERVING.
+            # Health alone, in plaintext, for probes that cannot do TLS: it tells only the
+            # status of "" and of the Reliability service (other names: unknown).
             self._health_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="gradprobe-health"),
                 options=[("grpc.so_reuseport", 0)],

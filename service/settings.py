@@ -137,6 +137,9 @@ class Settings:
         for f in fields(cls):
             flag = getattr(args, f.name, None) if args is not None else None
             if flag is not None:
+                if isinstance(flag, list) and str(f.type).startswith("tuple[str"):
+                    # Repeated, or comma-separated as in the environment: both the same.
+                    flag = [p.strip() for item in flag for p in item.split(",") if p.strip()]
                 values[f.name] = tuple(flag) if isinstance(flag, list) else flag
             elif (raw := env.get(ENV_PREFIX + f.name.upper())) is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
@@ -259,8 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--tls-allowed-identities",
         action="append",
-        help="with --tls-client-ca: a client certificate name (SAN or CN) allowed to call; "
-        "repeat for several (env: comma-separated); others get PERMISSION_DENIED",
+        help="with --tls-client-ca: client certificate names (SAN or CN) allowed to call, "
+        "comma-separated or repeated; others get PERMISSION_DENIED",
     )
     add(
         "--auth-token-file",

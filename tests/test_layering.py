@@ -18,7 +18,7 @@ FIT_PACKAGES = ("torchvision", "torchattacks", "pytorch_ood", "sklearn", "skimag
                 "mlxtend", "matplotlib", "skl2onnx")  # fmt: skip
 SERVING = ("service.server", "service.registry", "service.assessor", "service.inputs",
            "service.client", "service.batcher", "service.metrics", "service.errors",
-           "service.settings")  # fmt: skip
+           "service.settings", "service.security")  # fmt: skip
 
 
 def imports(path: Path, top_level_only: bool) -> set[str]:

@@ -174,13 +174,6 @@ def test_health_is_serving(node, server):
 
 # ----------------------------------------------------------------------------- TLS, tokens
 
-# The server's TLS and tokens come with service/security.py; without it there is nothing to
-# test here (and Settings has no TLS fields to start such a server with).
-needs_security = pytest.mark.skipif(
-    not (REPO / "service" / "security.py").exists(),
-    reason="service/security.py (server TLS, mTLS, bearer tokens) is not in this tree yet",
-)
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
@@ -215,7 +208,6 @@ def mtls_server(assessor, pki):
     server.stop(0)
 
 
-@needs_security
 def test_tls_with_a_bearer_token_assesses_and_streams(
     node, tls_server, pki, token_file, assessor, images, tmp_path
 ):
@@ -238,7 +230,6 @@ def test_tls_with_a_bearer_token_assesses_and_streams(
     assert [len(r["results"]) for r in responses] == [1, 1, 1]
 
 
-@needs_security
 def test_without_the_right_token_calls_are_unauthenticated(node, tls_server, pki):
     tls = ("--target", tls_server.target, "--ca", str(pki.ca_cert))
     code, (answer,) = run_cli(node, *tls, "info")
@@ -253,7 +244,6 @@ def test_without_the_right_token_calls_are_unauthenticated(node, tls_server, pki
     assert run_cli(node, *tls, "health") == (0, [{"status": "SERVING"}])
 
 
-@needs_security
 def test_tls_needs_the_servers_ca(node, tls_server, pki, token_file):
     for ca in ((), ("--ca", str(pki.other_ca_cert))):  # plaintext, or an unrelated CA
         code, (answer,) = run_cli(
@@ -263,7 +253,6 @@ def test_tls_needs_the_servers_ca(node, tls_server, pki, token_file):
         assert answer["error"]["code_name"] == "UNAVAILABLE"
 
 
-@needs_security
 def test_mutual_tls_needs_a_client_certificate_the_ca_signed(node, mtls_server, pki, assessor):
     tls = ("--target", mtls_server.target, "--ca", str(pki.ca_cert))
     mine = ("--cert", str(pki.client_cert), "--key", str(pki.client_key))

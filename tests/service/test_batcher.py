@@ -28,7 +28,12 @@ class Recorder:
         if (images == -1).any():
             raise RuntimeError("poisoned batch")
         self.batches.append(len(images))
-        return BatchOutput([float(x.flat[0]) for x in images], {"forward": 1.0})
+        # -2 marks an image whose own computation failed (as one that alone runs out of
+        # accelerator memory): an exception in its place.
+        return BatchOutput(
+            [ValueError("failed image") if x.flat[0] == -2 else float(x.flat[0]) for x in images],
+            {"forward": 1.0},
+        )
 
 
 def images(*values: float) -> np.ndarray:
@@ -131,24 +136,21 @@ def test_images_being_decoded_count_against_the_queue_before_they_are_allocated(
     hold(compute, batcher)
     with batcher.admitting(3):
         # Room for 3 is held while they decode: a 2-image request is refused before decoding.
-        with pytest.raises(Overloaded, match="being decoded"):
-            with batcher.admitting(2):
-                pytest.fail("admitted past the queue's room")
+        with pytest.raises(Overloaded, match="being decoded"), batcher.admitting(2):
+            pytest.fail("admitted past the queue's room")
         future = batcher.submit("assess", images(0.1, 0.2, 0.3))
     # Queued now, and the decode's hold is released: 1 more image fits, 2 do not.
     with batcher.admitting(1):
         pass
-    with pytest.raises(Overloaded):
-        with batcher.admitting(2):
-            pass
+    with pytest.raises(Overloaded), batcher.admitting(2):
+        pass
     compute.gate.set()
     assert future.result(5).batch_size == 3
     with batcher.admitting(4):  # all room is back once computed
         pass
     batcher.stop(5)
-    with pytest.raises(NotReady):
-        with batcher.admitting(1):
-            pass
+    with pytest.raises(NotReady), batcher.admitting(1):
+        pass
 
 
 def test_expired_and_cancelled_requests_are_dropped_before_compute():
@@ -193,6 +195,21 @@ def test_a_failing_request_fails_alone_not_its_batch():
         bad.result(5)
     assert [f.result(5).results for f in good] == [[pytest.approx(0.1)]] * 2
     batcher.stop(5)
+
+
+def test_a_failed_image_fails_its_request_and_the_batch_is_not_rerun():
+    compute = Recorder()
+    batcher = make(compute)
+    hold(compute, batcher)
+    good = batcher.submit("assess", images(0.1, 0.2))
+    bad = batcher.submit("assess", images(0.3, -2))
+    compute.gate.set()
+    with pytest.raises(ValueError, match="failed image"):
+        bad.result(5)
+    assert good.result(5).results == [pytest.approx(0.1), pytest.approx(0.2)]
+    assert good.result(5).batch_size == 4
+    batcher.stop(5)
+    assert compute.batches == [1, 4]  # the held one, then one pass: no request was rerun
 
 
 def test_stop_finishes_queued_requests_then_refuses_new_ones():

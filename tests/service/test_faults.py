@@ -3,6 +3,13 @@ same scenarios and writes RELIABILITY.md's table); each test asserts on what it 
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
 import grpc
 import numpy as np
 import pytest
@@ -11,7 +18,9 @@ from grpc_support import start_server
 
 from benchmarks import faults
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
+from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
 from service.client import image_messages
+from service.errors import OUT_OF_MEMORY_MESSAGE
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +86,9 @@ def test_a_full_queue_refuses_without_growing_memory(model_dir, shared):
     observation = faults.full_queue(model_dir, shared, warmup_refusals=300, refusals=2000)
     data = observation["data"]
     assert data["refused"] >= 2000 and data["other"] == 0
-    assert data["messages"] == ["the queue is full (64 of 64 images waiting); retry with backoff"]
+    assert data["messages"] == [
+        "the queue is full (64 of 64 images waiting or being decoded); retry with backoff"
+    ]
     assert data["refused_counted_by_server"] == data["refused"]
     # A leak of a tenth of each refused request would exceed the bound.
     assert data["rss_growth"] <= data["rss_bound"], observation["observed"]
@@ -115,37 +126,125 @@ def test_out_of_memory_splits_the_batch_and_answers_as_uncapped(model_dir, share
     assert data["server_alive"]
 
 
-def test_an_image_that_alone_runs_out_of_memory_fails_its_request_only(assessor):
-    # In process: the compute raises CUDA's out-of-memory error for any pass holding the
-    # marked image, as a device too full for even one image would.
-    server = start_server(assessor)
-    real_assess = assessor.assess
+MARK = 1.0  # the first pixel of an image that does not fit in the device's memory, even alone
+DEVICE_DETAIL = "CUDA out of memory; GPU 0: 79 GiB in use by process 4242 (injected)"
 
-    def assess(images):
-        if (images[:, 0, 0, 0] == 1.0).any():
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_assess(images)
 
-    images = np.full((4, 1, 28, 28), 0.5, np.float32)
-    marked = images.copy()
-    marked[2, 0, 0, 0] = 1.0
-    assessor.assess = assess  # an instance attribute, shadowing the method
+@dataclass
+class FullDevice:
+    """What ``full_device`` yields: the sizes of the passes that ran (Assess and Predict);
+    ``release``, which every pass waits for (set unless a test clears it, to hold the batcher's
+    worker while requests queue); ``entered``, set when a pass has begun."""
+
+    passes: list[int] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+
+@contextmanager
+def full_device(assessor) -> Iterator[FullDevice]:
+    """The assessor raising CUDA's out-of-memory error for any pass holding a marked image,
+    as a device too full for even one image would."""
+    device = FullDevice()
+    device.release.set()
+
+    def failing_on_marked(compute):
+        def run(images):
+            device.entered.set()
+            assert device.release.wait(30)
+            device.passes.append(len(images))
+            if (images[:, 0, 0, 0] == MARK).any():
+                raise torch.cuda.OutOfMemoryError(DEVICE_DETAIL)
+            return compute(images)
+
+        return run
+
+    # Instance attributes, shadowing the methods.
+    assessor.assess = failing_on_marked(assessor.assess)
+    assessor.predict = failing_on_marked(assessor.predict)
     try:
-        with grpc.insecure_channel(server.target) as channel:
-            from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
+        yield device
+    finally:
+        del assessor.assess, assessor.predict
 
+
+def images_of(count: int, marked: int | None = None) -> np.ndarray:
+    images = np.full((count, 1, 28, 28), 0.5, np.float32)
+    if marked is not None:
+        images[marked, 0, 0, 0] = MARK
+    return images
+
+
+def test_an_image_that_alone_runs_out_of_memory_fails_its_request_only(assessor, caplog):
+    server = start_server(assessor)
+    try:
+        with full_device(assessor), grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.ReliabilityStub(channel)
             with pytest.raises(grpc.RpcError) as error:
-                stub.Assess(pb.AssessRequest(images=image_messages(marked)), timeout=60)
-            fine = stub.Assess(pb.AssessRequest(images=image_messages(images)), timeout=60)
+                stub.Assess(pb.AssessRequest(images=image_messages(images_of(4, 2))), timeout=60)
+            fine = stub.Assess(pb.AssessRequest(images=image_messages(images_of(2))), timeout=60)
+            with pytest.raises(grpc.RpcError) as predicted:
+                stub.Predict(pb.PredictRequest(images=image_messages(images_of(3, 0))), timeout=60)
         splits = server.metrics.registry.get_sample_value(
             "gradprobe_memory_splits_total", {"model": assessor.name}
         )
     finally:
-        del assessor.assess
+        server.stop(0)
+    for failed in (error.value, predicted.value):
+        assert failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert failed.details() == OUT_OF_MEMORY_MESSAGE
+    assert len(fine.results) == 2
+    # Assess: 4 → 2 + 2, the marked pair → 1 + 1; Predict: 3 → 2 + 1, the marked pair → 1 + 1.
+    assert splits == 4
+    # The device's own message (its memory, other processes) is in the server's log only,
+    # once per micro-batch however many splits it took.
+    warnings = [r.getMessage() for r in caplog.records if "accelerator memory" in r.getMessage()]
+    assert len(warnings) == 2 and all(DEVICE_DETAIL in w for w in warnings), warnings
+
+
+def test_out_of_memory_on_one_image_spares_the_other_requests_of_its_micro_batch(assessor):
+    """The out-of-memory error of the one image escaped the halving: the micro-batch's
+    finished halves were dropped, and each request was computed again, alone."""
+    server = start_server(assessor)
+    batcher = server.servicer.batcher
+    clean = images_of(2)
+    try:
+        with (
+            full_device(assessor) as device,
+            grpc.insecure_channel(server.target) as channel,
+            ThreadPoolExecutor(3) as pool,
+        ):
+            stub = pb_grpc.ReliabilityStub(channel)
+
+            def assess(images):
+                return stub.Assess(pb.AssessRequest(images=image_messages(images)), timeout=60)
+
+            device.release.clear()
+            held = pool.submit(assess, clean[:1])
+            assert device.entered.wait(30), "the first request never reached the model"
+            other = pool.submit(assess, clean)
+            wait_for(lambda: batcher.queued_images == 2)
+            failing = pool.submit(assess, images_of(2, marked=1))
+            wait_for(lambda: batcher.queued_images == 4)
+            device.release.set()
+            held.result()
+            answer = other.result()
+            with pytest.raises(grpc.RpcError) as error:
+                failing.result()
+    finally:
         server.stop(0)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "one image alone does not fit" in error.value.details()
-    assert "injected" in error.value.details()
-    assert len(fine.results) == 4
-    assert splits == 2  # 4 → 2 + 2 → the marked pair split again; then its image alone failed
+    assert [r.timings.batch_size for r in answer.results] == [4, 4]  # they shared a batch
+    expected = assessor.assess(clean).assessments
+    assert [r.predicted_class for r in answer.results] == [a.prediction for a in expected]
+    # The held pass; then [clean, clean, fine, marked]: 4 → 2 + 2, the clean pair answered
+    # and kept, the other pair → 1 + 1 (its fine image computed, the marked one failed).
+    # Nothing ran twice.
+    assert device.passes == [1, 4, 2, 2, 1, 1]
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the requests never queued behind the held pass"
+        time.sleep(0.01)

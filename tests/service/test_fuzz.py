@@ -33,6 +33,7 @@ from benchmarks.fuzz import (
 from benchmarks.probes import probe_verdicts
 from detectors.spec import ModelSpec
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
+from service.errors import MAX_MESSAGE_BYTES, status_for
 from service.inputs import InvalidInput
 from service.server import decode_images
 
@@ -42,6 +43,7 @@ EXAMPLES = 300
 # on the reflection stream, left the server unable to stop about every other time).
 CORRUPT = bytes.fromhex("23c1cce8b4e619e6")
 SPEC = ModelSpec((1, 28, 28), tuple("abcdefghij"))
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,15 @@ def test_bytes_that_do_not_parse_are_invalid_argument(channel, method, data):
         assert call(channel, path, data) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("data", [*UNPARSEABLE.values(), b"\x0a\x01\x80"])
+def test_a_health_watch_that_does_not_parse_is_invalid_argument(channel, data):
+    """Watch keeps grpc-health's non-blocking handler and still refuses bytes that do not
+    parse."""
+    with pytest.raises(grpc.RpcError) as error:
+        next(channel.unary_stream(HEALTH_WATCH)(data, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_a_stream_answers_a_request_that_does_not_parse_and_goes_on(channel):
     requests = [assess_bytes("a"), CORRUPT, b"\xff", assess_bytes("d")]
     stream = channel.stream_stream(PREFIX + "AssessStream")
@@ -169,6 +180,56 @@ def test_a_dtype_number_outside_the_enum_is_invalid_argument(channel, dtype):
         pb_grpc_stub(channel).Assess(pb.AssessRequest.FromString(assess_bytes(dtype=dtype)))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"dtype is {dtype} (not a DType)" in error.value.details()
+
+
+LONG_SHAPE = pb.RawPixels(shape=[7] * 20_000, dtype=pb.RawPixels.UINT8, data=bytes(784))
+LONG_NAME = "m" * 40_000
+
+
+@pytest.mark.parametrize(
+    ("method", "message", "code", "says"),
+    [
+        ("Assess", pb.AssessRequest(images=[pb.Image(raw=LONG_SHAPE)]), "INVALID_ARGUMENT",
+         "shape is [7, 7, 7"),
+        ("Predict", pb.PredictRequest(images=[pb.Image(raw=LONG_SHAPE)]), "INVALID_ARGUMENT",
+         "shape is [7, 7, 7"),
+        ("Assess", pb.AssessRequest.FromString(assess_bytes(model=LONG_NAME)), "NOT_FOUND",
+         "no model named 'mmm"),
+        ("GetModelInfo", pb.GetModelInfoRequest(model="✓" * 40_000), "NOT_FOUND",
+         "no model named '✓✓✓"),
+    ],
+    ids=["Assess-shape", "Predict-shape", "Assess-model", "GetModelInfo-model"],
+)  # fmt: skip
+def test_long_fields_quoted_in_errors_reach_the_client_with_their_status(
+    channel, method, message, code, says
+):
+    """Quoted whole, a 20,000-entry shape or a 40 KB model name made the status trailer
+    exceed the client's metadata limit: the client got RESOURCE_EXHAUSTED ("received metadata
+    size exceeds hard limit") while the server counted INVALID_ARGUMENT or NOT_FOUND."""
+    with pytest.raises(grpc.RpcError) as error:
+        channel.unary_unary(PREFIX + method)(message.SerializeToString(), timeout=30)
+    assert error.value.code().name == code, error.value.details()
+    assert says in error.value.details()
+    assert len(error.value.details().encode()) <= MAX_MESSAGE_BYTES
+
+
+def test_a_long_field_in_a_stream_gets_a_short_error_and_the_stream_goes_on(channel):
+    requests = [assess_bytes("a", model=LONG_NAME), assess_bytes("b")]
+    stream = channel.stream_stream(PREFIX + "AssessStream")
+    answers = [pb.AssessResponse.FromString(a) for a in stream(iter(requests), timeout=60)]
+    assert [a.error.code for a in answers] == [grpc.StatusCode.NOT_FOUND.value[0], 0]
+    assert len(answers[0].error.message.encode()) <= MAX_MESSAGE_BYTES
+
+
+def test_every_client_facing_message_is_capped():
+    """The backstop for a message quoting a value no one shortened."""
+    for text in ("x" * 100_000, "é" * 100_000, "a" * 999 + "✓" * 10):
+        code, message = status_for(InvalidInput(text))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(message.encode()) <= MAX_MESSAGE_BYTES
+        assert message.endswith("…") and text.startswith(message[:-1])
+    short = "image 0: shape is [28, 27]; this model takes [1, 28, 28] or [28, 28]"
+    assert status_for(InvalidInput(short)) == (grpc.StatusCode.INVALID_ARGUMENT, short)
 
 
 def pb_grpc_stub(channel):
@@ -269,3 +330,52 @@ def test_compressed_png_metadata_is_never_inflated(monkeypatch, kind):
     assert inflated == []
     assert peak < 4 * 2**20, f"{peak / 2**20:.0f} MiB to decode a 28×28 PNG"
     np.testing.assert_array_equal(batch, decode_images([pb.Image(encoded=png)], 4, SPEC))
+
+
+def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at : at + 4], "big")
+        chunks.append((png[at + 4 : at + 8], png[at + 8 : at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+def _png_of(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    from benchmarks.fuzz import _png_chunk
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_png_chunk(kind, data) for kind, data in chunks)
+
+
+def test_a_png_of_countless_chunks_is_refused_before_they_are_walked(monkeypatch):
+    """Walking 350,000 empty chunks (4 MB) held the GIL for most of a second; the walk now
+    stops at a bound on the chunk count (1,000 plus one per 4 KB of file)."""
+    from PIL import Image as PILImage
+
+    (header, *rest) = _png_chunks(encode("PNG"))
+    padding = [(b"abCd", b"")] * ((4 * 2**20) // 12)
+    bomb = _png_of([header, *padding, *rest])
+    monkeypatch.setattr(PILImage, "open", _opened)
+    with pytest.raises(InvalidInput, match=r"image 0: the PNG holds more than \d+ chunks"):
+        decode_images([pb.Image(encoded=bomb)], 4, SPEC)
+
+
+def _opened(*args, **kwargs):
+    raise AssertionError("Pillow opened a PNG the chunk bound should have refused")
+
+
+def test_a_large_png_with_its_image_data_in_4_kb_chunks_passes_the_bound():
+    """Encoders write image data in chunks of 8 KB (libpng) to 64 KB (Pillow); the bound
+    grows with the file, leaving room for 4 KB ones past the first 1,000 chunks."""
+    from service.server import _without_inflated_chunks
+
+    noise = np.random.default_rng(0).integers(0, 256, (2048, 2048), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG", compress_level=0)
+    header, *chunks = _png_chunks(buffer.getvalue())
+    data = b"".join(d for kind, d in chunks if kind == b"IDAT")
+    pieces = [(b"IDAT", data[i : i + 4096]) for i in range(0, len(data), 4096)]
+    assert len(pieces) > 1000
+    png = _png_of([header, *pieces, (b"IEND", b"")])
+    assert _without_inflated_chunks(png) is png  # walked to the end, nothing dropped
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), noise)

@@ -12,12 +12,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_support import sample_images, start_server
-from tls_support import make_pki
+from tls_support import client_with_names, make_pki
 
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
 from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
 from service.cli import build_parser, main
 from service.client import ReliabilityClient, image_messages
+from service.errors import MAX_MESSAGE_BYTES
 from service.security import SecurityConfigError, load_security
 from service.server import ReliabilityServer
 from service.settings import Settings, SettingsError
@@ -174,6 +175,27 @@ def test_allow_list_refuses_other_names_with_permission_denied(allow_list_server
     assert sum(after.values()) - sum(before.values()) == 1
 
 
+def test_a_certificate_of_many_names_is_refused_with_a_short_message(allow_list_server, pki):
+    """The refusal quoted every name of the certificate: percent-encoded in the status
+    trailer ("%" takes 3 bytes there), 7 KB of names exceeded the client's metadata limit and
+    the client saw RESOURCE_EXHAUSTED. (A larger certificate fails the handshake itself.)"""
+    names = [f"{i:03d}-{'%' * 60}.gradprobe.test" for i in range(90)]
+    cert, key = client_with_names(pki, "000-many-names.gradprobe.test", names, "many-names")
+    with ReliabilityClient(
+        allow_list_server.target,
+        timeout=10,
+        wait_for_ready=False,
+        tls_ca=pki.ca_cert,
+        tls_cert=cert,
+        tls_key=key,
+    ) as client:
+        error = rpc_error(client.info)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+    assert "000-many-names.gradprobe.test" in error.details()
+    assert f"and {len(names) + 1 - 5} more" in error.details()
+    assert len(error.details().encode()) <= MAX_MESSAGE_BYTES
+
+
 def test_allow_list_admits_the_names_it_holds(assessor, pki):
     server = start_server(
         assessor,
@@ -199,8 +221,10 @@ def test_allow_list_admits_the_names_it_holds(assessor, pki):
         ((("authorization", f"Bearer {WRONG_TOKEN}"),), "not one this server accepts"),
         ((("authorization", f"Basic {TOKENS[0]}"),), "must read `Bearer <token>`"),
         ((("authorization", TOKENS[0]),), "must read `Bearer <token>`"),
+        ((("authorization", "Bearer"),), "one or more spaces, then the token"),
+        ((("authorization", f"Bearer{TOKENS[0]}"),), "one or more spaces, then the token"),
     ],
-    ids=["missing", "wrong", "other-scheme", "no-scheme"],
+    ids=["missing", "wrong", "other-scheme", "no-scheme", "no-token", "no-space"],
 )
 def test_calls_without_an_accepted_token_are_unauthenticated(guarded, pki, metadata, says):
     with client_of(guarded, pki, token=None) as client:
@@ -220,6 +244,9 @@ def test_every_accepted_token_answers_and_the_scheme_is_case_insensitive(guarded
         stub = pb_grpc.ReliabilityStub(client.channel)
         lower = (("authorization", f"bearer {TOKENS[1]}"),)
         assert stub.ListModels(pb.ListModelsRequest(), timeout=10, metadata=lower).models
+        # One or more spaces after the scheme, as RFC 6750 and the refusal's message say.
+        spaced = (("authorization", f"Bearer   {TOKENS[0]}"),)
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=10, metadata=spaced).models
 
 
 def test_streams_need_the_token_too(guarded, pki, images):
@@ -384,13 +411,14 @@ def test_serve_reports_a_bad_key_in_one_line_before_loading_models(pki, capsys):
 def test_serve_flags_and_environment_fill_the_security_settings(tmp_path):
     args = build_parser().parse_args(
         ["serve", "--tls-cert", "s.crt", "--tls-key", "s.key", "--tls-client-ca", "ca.crt",
-         "--tls-allowed-identities", "a.test", "--tls-allowed-identities", "b.test",
+         "--tls-allowed-identities", "a.test", "--tls-allowed-identities", "b.test, c.test",
          "--auth-token-file", "tokens", "--health-port", "50052"]
     )  # fmt: skip
     settings = Settings.from_sources(args, env={})
     assert (settings.tls_cert, settings.tls_key) == (Path("s.crt"), Path("s.key"))
     assert settings.tls_client_ca == Path("ca.crt")
-    assert settings.tls_allowed_identities == ("a.test", "b.test")
+    # Repeated or comma-separated, as the environment takes them.
+    assert settings.tls_allowed_identities == ("a.test", "b.test", "c.test")
     assert (settings.auth_token_file, settings.health_port) == (Path("tokens"), 50052)
     env = {
         "GRADPROBE_TLS_CERT": "/etc/gradprobe/tls/tls.crt",

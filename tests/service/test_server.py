@@ -110,6 +110,35 @@ def test_health_is_serving_and_reflection_lists_the_service(server):
         assert {"gradprobe.v1.Reliability", "grpc.health.v1.Health"} <= names
 
 
+def test_open_health_watches_hold_no_worker_thread(assessor):
+    """grpc-health runs Watch non-blocking, on a pool of its own; the wrapper that refuses
+    malformed requests dropped the attributes that say so, and each open Watch then held one
+    of the server's worker threads: with two workers, two watches starved every other call."""
+    from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    server = start_server(assessor, workers=2)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            # Deadlines everywhere: a regression fails the test instead of hanging it.
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(4)]
+            try:
+                assert [next(watch).status for watch in watches] == [serving] * 4
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=20).status == serving
+                stub = pb_grpc.ReliabilityStub(channel)
+                assert stub.ListModels(pb.ListModelsRequest(), timeout=20).models
+                # The watches still hear of changes.
+                server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+                statuses = [next(watch).status for watch in watches]
+                assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * 4
+            finally:
+                for watch in watches:
+                    watch.cancel()
+    finally:
+        server.stop(0)
+
+
 def test_not_serving_and_unavailable_until_the_model_is_warm(assessor, images):
     from service.server import ReliabilityServer
     from service.settings import Settings

@@ -170,3 +170,17 @@ def make_pki(directory: Path) -> Pki:
         other_client_cert=other_client_cert,
         other_client_key=other_client_key,
     )
+
+
+def client_with_names(pki: Pki, common_name: str, names: list[str], stem: str) -> tuple[Path, Path]:
+    """A client certificate signed by ``pki``'s CA with ``common_name`` and ``names`` (SAN
+    DNS names); returns its certificate and key files."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    cert, key = _leaf(
+        common_name,
+        (ca_cert, ca_key),
+        [x509.DNSName(n) for n in names],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    return _write(pki.directory, stem, cert, key)
