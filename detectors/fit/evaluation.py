@@ -122,7 +122,7 @@ def peer_scores(
         "MSP": MaxSoftmax(model).predict,
         "Energy": EnergyBased(model).predict,
         "ODIN": ODIN(model, eps=0.002, temperature=1000.0).predict,
-        "GradNorm": GradNorm(model).predict,
+        "GradNorm": GradNorm(model, micro_batch_size=_gradnorm_micro_batch(model)).predict,
     }
     for name, predict in tqdm(
         image_peers.items(), desc="peers", disable=not progress, file=sys.stderr
@@ -133,6 +133,13 @@ def peer_scores(
                 parts.append(predict(images[start : start + 500]).detach())
         out[name] = torch.cat(parts)
     return Scores({k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in out.items()})
+
+
+def _gradnorm_micro_batch(model: nn.Module, budget_bytes: float = 2e9) -> int:
+    """Samples per vmapped pass of GradNorm: its per-sample gradients of every parameter hold
+    tens of bytes per parameter and sample (a ResNet-18 at 32 batches exhausts 24 GB)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    return int(min(32, max(1, budget_bytes // (80 * max(parameters, 1)))))
 
 
 def h_scores(probs: np.ndarray) -> np.ndarray:

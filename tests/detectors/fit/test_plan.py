@@ -51,7 +51,7 @@ def test_never_below_the_quick_recipe_and_no_limit_means_no_scaling() -> None:
 
 def test_a_stored_plan_is_reused_so_a_resumed_fit_builds_the_same_recipe(tmp_path) -> None:
     identity = {"classifier": "abc", "limit": 60}
-    first = stored_plan(tmp_path, identity, lambda: plan(FitRecipe(), SLOW, 3600))
+    first = stored_plan(tmp_path, identity, lambda: plan(FitRecipe(), SLOW, 10 * 3600))
 
     def must_not_run() -> Plan:
         raise AssertionError("measured again")
