@@ -100,20 +100,23 @@ def train_classifier(
     labels = torch.from_numpy(train_y)
     generator = torch.Generator().manual_seed(recipe.seed)
     steps_per_epoch = (len(images) + recipe.batch_size - 1) // recipe.batch_size
-    model.train()
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for step in range(steps_per_epoch):
-            index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-            loss = F.cross_entropy(model(images[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if progress is not None:
-                progress(
-                    epoch * steps_per_epoch + step + 1, recipe.epochs * steps_per_epoch, loss.item()
-                )
+    try:
+        model.train()
+        for epoch in range(recipe.epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for step in range(steps_per_epoch):
+                index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+                loss = F.cross_entropy(model(images[index]), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                if progress is not None:
+                    done = epoch * steps_per_epoch + step + 1
+                    progress(done, recipe.epochs * steps_per_epoch, loss.item())
+    finally:
+        # A process-wide CPU flag: other code in the process expects IEEE subnormals.
+        torch.set_flush_denormal(False)
     return model.eval()
 
 

@@ -89,7 +89,7 @@ def test_dockerfile_serves_like_the_manifests(variant):
     stage = _final_stage(IMAGES[variant])
     exposed = {int(p) for i, a in stage if i == "EXPOSE" for p in a.split()}
     sidecar = _sidecar()
-    assert exposed == {p["containerPort"] for p in sidecar["ports"]} == {50051, 9464}
+    assert exposed == {p["containerPort"] for p in sidecar["ports"]} == {50051, 50052, 9464}
     cmd = [a for i, a in stage if i == "CMD"]
     assert cmd and yaml.safe_load(cmd[-1]) == sidecar["command"]
 

@@ -33,6 +33,14 @@ def test_same_seed_same_weights_other_seed_other_weights(small_train) -> None:
     assert not all(torch.equal(a[k], c.state_dict()[k]) for k in a)
 
 
+def test_training_leaves_subnormal_floats_to_the_rest_of_the_process(small_train) -> None:
+    train_classifier(
+        *small_train, TrainingRecipe(epochs=1, batch_size=64, channels=(4, 8), hidden=16)
+    )
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0  # flushed to zero if the training flag stayed on
+
+
 def test_export_then_load_round_trip(small_train, tmp_path) -> None:
     recipe = TrainingRecipe(epochs=1, batch_size=64, channels=(4, 8), hidden=16)
     model = train_classifier(*small_train, recipe)
