@@ -52,3 +52,11 @@ def byom_dir(tmp_path_factory) -> Path:
     classifier = save(trained(train), root / "tiny.pt", SHAPE)
     options = FitOptions(recipe=FitRecipe.quick(), leave_one_out=False, progress=False)
     return fit(classifier, train, root / "model", options)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A throwaway CA with server and client certificates (``tls_support.make_pki``)."""
+    from tls_support import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -176,17 +176,10 @@ def test_health_is_serving(node, server):
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    from tls_support import make_pki
-
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("token") / "tokens"
-    path.write_text(f"# the Node client's\n{secrets.token_hex(32)}\n")
-    return path
+    from tls_support import write_tokens
+
+    return write_tokens(tmp_path_factory.mktemp("token") / "tokens", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="module")

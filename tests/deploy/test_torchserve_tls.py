@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from grpc_support import sample_images, start_server
-from tls_support import make_pki
+from tls_support import write_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -16,15 +16,8 @@ TOKEN = "handler-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("auth") / "tokens"
-    path.write_text(f"# the handler's token\n{TOKEN}\n")
-    return path
+    return write_tokens(tmp_path_factory.mktemp("auth") / "tokens", TOKEN)
 
 
 @pytest.fixture(scope="module")

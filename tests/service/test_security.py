@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_support import sample_images, start_server
-from tls_support import client_with_names, make_pki
+from tls_support import client_with_names
 
 from service._proto.gradprobe.v1 import reliability_pb2 as pb
 from service._proto.gradprobe.v1 import reliability_pb2_grpc as pb_grpc
@@ -29,11 +29,6 @@ TOKENS = ("first-token-0123456789abcdef", "second-token-0123456789abcdef")
 # Sent by the refused calls: must never show up in the metrics.
 WRONG_TOKEN = "wrong-token-leak-canary-0123456789"
 ALLOWED_ELSEWHERE = "someone-else.gradprobe.test"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

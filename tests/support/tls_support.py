@@ -184,3 +184,9 @@ def client_with_names(pki: Pki, common_name: str, names: list[str], stem: str) -
         ExtendedKeyUsageOID.CLIENT_AUTH,
     )
     return _write(pki.directory, stem, cert, key)
+
+
+def write_tokens(path: Path, *tokens: str) -> Path:
+    """A token file as ``--auth-token-file`` reads it: a comment, then one token a line."""
+    path.write_text("# accepted bearer tokens\n" + "".join(f"{t}\n" for t in tokens))
+    return path
