@@ -508,7 +508,8 @@ class Cases:
         def build(draw: st.DrawFn) -> Case:
             chosen = draw(self.model)
             if draw(st.booleans()):
-                name = draw(st.sampled_from(["x", "é", "✓", chosen.name])) * draw(lengths)
+                length = draw(lengths)  # characters: a served name repeated is cut to it
+                name = (draw(st.sampled_from(["x", "é", "✓", chosen.name])) * length)[:length]
                 method = draw(st.sampled_from(("Assess", "Predict", "GetModelInfo")))
                 if method == "GetModelInfo":
                     request = pb.GetModelInfoRequest(model=name).SerializeToString()
