@@ -92,7 +92,6 @@ def peer_scores(
         KNN,
         ODIN,
         EnergyBased,
-        GradNorm,
         Mahalanobis,
         MaxSoftmax,
         ViM,
@@ -122,7 +121,7 @@ def peer_scores(
         "MSP": MaxSoftmax(model).predict,
         "Energy": EnergyBased(model).predict,
         "ODIN": ODIN(model, eps=0.002, temperature=1000.0).predict,
-        "GradNorm": GradNorm(model, micro_batch_size=_gradnorm_micro_batch(model)).predict,
+        "GradNorm": _gradnorm(model, last).predict,
     }
     for name, predict in tqdm(
         image_peers.items(), desc="peers", disable=not progress, file=sys.stderr
@@ -135,11 +134,20 @@ def peer_scores(
     return Scores({k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in out.items()})
 
 
-def _gradnorm_micro_batch(model: nn.Module, budget_bytes: float = 2e9) -> int:
-    """Samples per vmapped pass of GradNorm: its per-sample gradients of every parameter hold
-    tens of bytes per parameter and sample (a ResNet-18 at 32 batches exhausts 24 GB)."""
+# Above this many parameters, per-sample gradients of all of them (pytorch-ood's default)
+# cost tens of bytes per parameter and image and a full backward per image: GradNorm then
+# takes the final layer's weights only, as its paper does.
+_GRADNORM_ALL_PARAMETERS_UP_TO = 750_000
+
+
+def _gradnorm(model: nn.Module, last: nn.Module) -> object:
+    from pytorch_ood.detector import GradNorm
+
     parameters = sum(p.numel() for p in model.parameters())
-    return int(min(32, max(1, budget_bytes // (80 * max(parameters, 1)))))
+    if parameters <= _GRADNORM_ALL_PARAMETERS_UP_TO:
+        return GradNorm(model)
+    names = {f"{n}.weight" for n, m in model.named_modules() if m is last}
+    return GradNorm(model, param_filter=lambda name: name in names)
 
 
 def h_scores(probs: np.ndarray) -> np.ndarray:

@@ -29,3 +29,23 @@ def test_kind_groups() -> None:
     assert kind_group("corrupted:snow:3") == "corrupted:snow"
     assert kind_group("adversarial:pgd:0.1") == "adversarial:pgd"
     assert kind_group("ood:mnist") == "ood:mnist"
+
+
+def test_gradnorm_takes_the_final_layer_only_for_large_models() -> None:
+    import torch
+
+    from detectors.fit.evaluation import _gradnorm, _Penultimate
+
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Linear(8, 3))
+    large = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 80_000), torch.nn.Linear(80_000, 3)
+    )
+    for model, expected in (
+        (small, {"1.weight", "1.bias", "2.weight", "2.bias"}),
+        (large, {"2.weight"}),
+    ):
+        detector = _gradnorm(model.eval(), _Penultimate(model).last)
+        names = {n for n, _ in model.named_parameters() if detector.param_filter(n)}
+        assert names == expected
+        scores = detector.predict(torch.rand(4, 3, 2, 2))
+        assert scores.shape == (4,) and torch.isfinite(scores).all()
