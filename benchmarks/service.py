@@ -40,10 +40,10 @@ LATENCY_CALLS = 60
 def _assessor() -> tuple[Any, str]:
     """The default classifier with the default detector H (trained first if absent), on the
     server's default device: CUDA when torch sees it."""
-    from service.server import load_default_assessor
+    from service.server import load_assessors
     from service.settings import Settings
 
-    assessor = load_default_assessor(Settings(quiet=True))
+    (assessor,) = load_assessors(Settings(quiet=True))
     return assessor, f"default H ({assessor.detector.version})"
 
 
