@@ -393,19 +393,14 @@ def tampered_file(model_dir: Path, which: str, workdir: Path | None = None) -> O
     the file and both hashes."""
     from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
     from detectors.detector import ONNX_FILE
-    from detectors.model_dir import DETECTOR_DIR, load_classifier, sha256_file
+    from detectors.model_dir import DETECTOR_DIR, sha256_file
     from detectors.spec import Manifest
-    from service.registry import load_detector
 
     if which not in ("classifier", "detector"):
         raise ValueError(f"which is 'classifier' or 'detector', not {which!r}")
     with tempfile.TemporaryDirectory(prefix="gradprobe-faults-", dir=workdir) as tmp:
         copy = Path(tmp) / "model"
         shutil.copytree(model_dir, copy)
-        if not (copy / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
-            # The built-in example keeps H in the artifact cache: the copy gets its own.
-            source = load_detector(load_classifier(model_dir)).folder
-            shutil.copytree(source, copy / DETECTOR_DIR)
         if which == "classifier":
             manifest = Manifest.read(copy)
             target, expected = copy / manifest.file, manifest.sha256

@@ -233,7 +233,7 @@ class OnnxDetector:
             raise DetectorMismatch(
                 f"no {MANIFEST_FILE} in {folder}: not a detector folder; "
                 "make one with `gradprobe fit --classifier FILE --train-data DIR --output "
-                "MODEL_DIR` (or `gradprobe train-detector` for the default model)"
+                "MODEL_DIR`"
             )
         self.manifest = DetectorManifest(**json.loads(path.read_text()))
         if self.manifest.classifier_sha256 != classifier_sha256:

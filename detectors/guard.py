@@ -7,7 +7,7 @@ distances, energy, max softmax, the top-two logit margin, the image statistics' 
 the clean images) and H's own novelty are each turned into a rank among the validation split's
 clean images, combined as
 
-    u = max(rank_H, max_j rank_j ** power)
+    u = max(rank_H, max_j rank_j ** power_j)
 
 (the power keeps the ordinary spread of clean images from counting much: mostly a tail rarer
 than most clean images' moves u; a higher power trusts H more and transfers worse to kinds H
@@ -24,19 +24,24 @@ from typing import Any
 
 import numpy as np
 
-# Signals of H's input vector that need no challenge data, and their direction (+1: larger is
-# more novel). Only those present in a detector's columns are used.
+# Signals of H's input vector that need no challenge data, their direction (+1: larger is more
+# novel) and their power. Only those present in a detector's columns are used.
 GUARD_SIGNALS = (
-    ("knn10_cosine_distance", 1.0),
-    ("mahalanobis_min", 1.0),
-    ("energy", -1.0),
-    ("msp", -1.0),
-    # Minimal-perturbation attacks stop just past the boundary: a margin rarer than clean's.
-    ("logit_margin", -1.0),
-    ("rel_image_distance", 1.0),
+    ("knn10_cosine_distance", 1.0, 12.0),
+    ("mahalanobis_min", 1.0, 12.0),
+    ("energy", -1.0, 12.0),
+    # Minimal-perturbation attacks stop just past the boundary: confidence and margin rarer
+    # than clean's are their only trace, so these two count from lower in the tail.
+    ("msp", -1.0, 2.0),
+    ("logit_margin", -1.0, 2.0),
+    ("rel_image_distance", 1.0, 12.0),
 )
-# Chosen by leave-one-kind-out on two classifiers' challenge data (grey 28 px and RGB 32 px):
-# 4 let boundary-hugging attacks left out of H's training fall behind max softmax.
+# Near the top r**p ≈ 1 - p (1 - r): a signal moves u only where its tail is about p times
+# rarer than H's, a correction for looking at several signals. Chosen by leave-one-kind-out
+# on two classifiers' challenge data (grey 28 px and RGB 32 px): a higher power on the
+# confidence signals let boundary-hugging attacks left out of H's training fall behind max
+# softmax; a low one on the distance signals blurred the seen kinds (the ordinary spread of
+# clean images counted as novelty).
 DEFAULT_POWER = 2.0
 _REFERENCE_POINTS = 1000  # quantiles kept per signal: the ranks' resolution
 _EPS = 1e-6
@@ -71,11 +76,12 @@ class NoveltyGuard:
     signs: list[float]
     references: list[list[float]]  # each signal's clean quantiles (sorted, oriented)
     h_reference: list[float]  # H's novelty 1 - P(in_distribution) on the same clean images
-    power: float
+    power: float  # for every signal, unless ``powers`` names one per signal
     intercept: float  # P(in_distribution) = sigmoid(intercept + slope * logit(1 - u))
     slope: float
     # "max": the rarest tail counts (Tippett); "fisher": moderate tails of several signals add up.
     combine: str = "max"
+    powers: list[float] | None = None
 
     @classmethod
     def fit(
@@ -84,29 +90,31 @@ class NoveltyGuard:
         vectors: np.ndarray,
         probs: np.ndarray,
         labels: np.ndarray,
-        power: float = DEFAULT_POWER,
+        power: float | None = None,
         combine: str = "max",
     ) -> NoveltyGuard | None:
         """From the validation split: H's input rows, H's probabilities, family labels (0 is
-        in_distribution). None when no guard signal is among the columns."""
+        in_distribution). ``power``: one for every signal instead of each one's own. None when
+        no guard signal is among the columns."""
         from sklearn.linear_model import LogisticRegression
 
-        found = [(column_names.index(n), s) for n, s in GUARD_SIGNALS if n in column_names]
+        found = [(column_names.index(n), s, p) for n, s, p in GUARD_SIGNALS if n in column_names]
         clean = labels == 0
         if not found or clean.sum() < 10 or clean.all():
             return None
-        columns, signs = [i for i, _ in found], [s for _, s in found]
+        columns, signs = [i for i, _, _ in found], [s for _, s, _ in found]
         guard = cls(
             columns=columns,
             signs=signs,
             references=[
-                _reference(vectors[clean, i].astype(np.float64) * s).tolist() for i, s in found
+                _reference(vectors[clean, i].astype(np.float64) * s).tolist() for i, s, _ in found
             ],
             h_reference=_reference(1.0 - probs[clean, 0]).tolist(),
-            power=power,
+            power=DEFAULT_POWER if power is None else power,
             intercept=0.0,
             slope=1.0,
             combine=combine,
+            powers=[p for _, _, p in found] if power is None else None,
         )
         z = _logit(1.0 - guard.novelty(vectors, probs))[:, None]
         # Regularized: where the seen kinds separate perfectly, the fit must stay a slope, not
@@ -135,9 +143,10 @@ class NoveltyGuard:
                 term = term * half / i
                 total = total + term
             return 1.0 - np.exp(-half) * total
+        powers = self.powers or [self.power] * len(ranks)
         u = h
-        for r in ranks:
-            u = np.maximum(u, r**self.power)
+        for r, power in zip(ranks, powers, strict=True):
+            u = np.maximum(u, r**power)
         return u
 
     def apply(self, vectors: np.ndarray, probs: np.ndarray) -> np.ndarray:

@@ -1,9 +1,14 @@
-"""Where the default artifacts live, and building them once per content.
+"""The built-in example's deployment: where it lives, and building it once per content.
 
-Artifacts are cached under ``$GRADPROBE_HOME`` (default ``~/.cache/gradprobe``) in a folder
-named by a key over everything they are built from: the training code, the recipe, the data
-files and the torch version. Anything that would change the artifact changes the key, so a
-cached artifact is never stale, and tests and the CLI share one build.
+It is built like any user's: `gradprobe train-model` trains the Fashion-MNIST classifier
+(``default_classifier_dir``), then `gradprobe fit` makes the model dir served by default
+(``default_model_dir``: the classifier, its detector H and the held-out report) from the
+installed Fashion-MNIST training images, with the test images as validation data.
+
+Both are cached under ``$GRADPROBE_HOME`` (default ``~/.cache/gradprobe``) in folders named by
+a key over everything they are built from: the code, the recipes, the data and the torch
+version. Anything that would change them changes the key, so a cached one is never stale, and
+tests and the CLI share one build.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from service import classifier as classifier_module
 from service.classifier import LoadedClassifier, TrainingRecipe
 
 if TYPE_CHECKING:
-    from detectors.detector import OnnxDetector
+    from detectors.fit.training import FitOptions
 
 
-def default_model_key(recipe: TrainingRecipe | None = None) -> str:
+def default_classifier_key(recipe: TrainingRecipe | None = None) -> str:
     recipe = recipe or TrainingRecipe()
     parts = {
         "code": code_fingerprint([Path(classifier_module.__file__)]),
@@ -43,8 +48,9 @@ def default_model_key(recipe: TrainingRecipe | None = None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_model_dir(recipe: TrainingRecipe | None = None) -> Path:
-    return gradprobe_home() / "models" / f"fashion-cnn-{default_model_key(recipe)}"
+def default_classifier_dir(recipe: TrainingRecipe | None = None) -> Path:
+    """Where `gradprobe train-model` puts the built-in example's classifier."""
+    return gradprobe_home() / "models" / f"fashion-cnn-{default_classifier_key(recipe)}"
 
 
 @contextlib.contextmanager
@@ -59,7 +65,7 @@ def _build_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def build_default_model(
+def build_default_classifier(
     out_dir: Path, recipe: TrainingRecipe | None = None, *, quiet: bool = False
 ) -> Path:
     """Train on the 60k Fashion-MNIST images and export into ``out_dir`` (atomically)."""
@@ -104,70 +110,75 @@ def build_default_model(
     return out_dir
 
 
-def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
-    """The default model folder, built first if it is absent (or ``force``)."""
-    target = default_model_dir()
+def ensure_default_classifier(*, force: bool = False, quiet: bool = False) -> Path:
+    """The built-in example's classifier dir, trained first if it is absent (or ``force``)."""
+    target = default_classifier_dir()
     with _build_lock(target):
         if force or not (target / classifier_module.MANIFEST_FILE).exists():
-            build_default_model(target, quiet=quiet)
+            build_default_classifier(target, quiet=quiet)
+    return target
+
+
+# The default deployment's `gradprobe fit` arguments besides the classifier and the output.
+DEFAULT_TRAIN_DATA = "fashion-mnist:train"
+DEFAULT_VAL_DATA = "fashion-mnist:test"
+
+
+def default_fit_options(*, progress: bool = True) -> FitOptions:
+    """The full challenge recipe, without a time limit: the default H is the same on every
+    machine, however fast (a time limit would size the recipe to the machine)."""
+    from detectors.fit.training import FitOptions
+
+    return FitOptions(val_data=Path(DEFAULT_VAL_DATA), time_limit_s=None, progress=progress)
+
+
+def default_fit_command(classifier_dir: Path | None = None, output: Path | None = None) -> str:
+    classifier_dir = classifier_dir or default_classifier_dir()
+    output = output or default_model_dir()
+    return (
+        f"gradprobe fit --classifier {classifier_dir / classifier_module.MODEL_FILE} "
+        f"--train-data {DEFAULT_TRAIN_DATA} --val-data {DEFAULT_VAL_DATA} --time-limit 0 "
+        f"--output {output}"
+    )
+
+
+def default_model_dir() -> Path:
+    """The model dir served when none is named: keyed by the classifier and everything `fit`
+    is made of (the detectors package's code, the options, torch)."""
+    import detectors
+
+    package = Path(detectors.__file__).parent
+    # The options' defaults (the recipe above all) are in the code; the rest is named here.
+    # Nothing of fitting is imported: `serve` asks for this path on a serving-only install.
+    parts = {
+        "classifier": default_classifier_key(),
+        "code": code_fingerprint(sorted(package.rglob("*.py"))),
+        "data": [DEFAULT_TRAIN_DATA, DEFAULT_VAL_DATA, "no time limit"],
+        "torch": torch.__version__,
+    }
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return gradprobe_home() / "models" / f"fashion-{key}"
+
+
+def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
+    """The default model dir (classifier, H, report), built first if it is absent (or
+    ``force``): `train-model`, then `fit` (several minutes on a new machine)."""
+    from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
+    from detectors.fit.training import fit
+    from detectors.model_dir import DETECTOR_DIR
+
+    target = default_model_dir()
+    with _build_lock(target):
+        if force or not (target / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
+            classifier_dir = ensure_default_classifier(quiet=quiet)
+            fit(
+                classifier_dir / classifier_module.MODEL_FILE,
+                Path(DEFAULT_TRAIN_DATA),
+                target,
+                default_fit_options(progress=not quiet),
+            )
     return target
 
 
 def load_default_classifier(device: str = "cpu", *, quiet: bool = False) -> LoadedClassifier:
     return classifier_module.load_classifier(ensure_default_model(quiet=quiet), device=device)
-
-
-DEFAULT_DETECTOR_MODULES = (
-    "detector.py",
-    "gradients.py",
-    "guard.py",
-    "layer_norms.py",
-    "signals.py",
-    "traced_backward.py",
-    "fit/builtin.py",
-    "fit/fashion_mnist.py",
-)
-
-
-def default_detector_dir(classifier: LoadedClassifier) -> Path:
-    """Keyed by the classifier, the challenge recipe and the code of everything H is made by."""
-    import detectors
-
-    package = Path(detectors.__file__).parent
-    # The modules the default H is made by; the rest of the package (fitting users' models,
-    # importing their files) does not change it.
-    made_by = [
-        *(package / "fit" / "challenge").glob("*.py"),
-        *(package / name for name in DEFAULT_DETECTOR_MODULES),
-    ]
-    code = code_fingerprint(made_by)
-    blob = json.dumps({"classifier": classifier.manifest.sha256, "code": code}, sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return gradprobe_home() / "detectors" / f"h-{key}"
-
-
-def ensure_default_detector(
-    classifier: LoadedClassifier, *, force: bool = False, quiet: bool = False
-) -> Path:
-    """The default detector folder for this classifier, trained first if absent."""
-    from detectors.detector import MANIFEST_FILE
-    from detectors.fit.builtin import train_detector
-
-    target = default_detector_dir(classifier)
-    with _build_lock(target):
-        if force or not (target / MANIFEST_FILE).exists():
-            train_detector(
-                classifier.module, classifier.manifest.sha256, target, progress=not quiet
-            )
-    return target
-
-
-def load_default_detector(
-    classifier: LoadedClassifier | None = None, *, quiet: bool = False
-) -> OnnxDetector:
-    from detectors.detector import OnnxDetector
-
-    classifier = classifier or load_default_classifier(quiet=quiet)
-    return OnnxDetector(
-        ensure_default_detector(classifier, quiet=quiet), classifier.manifest.sha256
-    )

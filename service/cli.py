@@ -136,7 +136,11 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_train_model(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from service.artifacts import build_default_model, ensure_default_model
+    from service.artifacts import (
+        build_default_classifier,
+        default_fit_command,
+        ensure_default_classifier,
+    )
     from service.classifier import TrainingRecipe
 
     recipe = TrainingRecipe()
@@ -148,11 +152,21 @@ def cmd_train_model(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
             raise UsageError(f"{args.output_dir} is not empty; pass --force to replace it")
-        path = build_default_model(args.output_dir, custom, quiet=args.quiet)
+        path = build_default_classifier(args.output_dir, custom, quiet=args.quiet)
     elif custom != recipe:
         raise UsageError("--seed/--epochs build a custom model: give it an --output-dir")
     else:
-        path = ensure_default_model(force=args.force, quiet=args.quiet)
+        path = ensure_default_classifier(force=args.force, quiet=args.quiet)
+    if args.fit:
+        if args.output_dir is not None:
+            raise UsageError("--fit builds the default model dir: drop --output-dir, or run fit")
+        from service.artifacts import ensure_default_model
+
+        print(ensure_default_model(force=args.force, quiet=args.quiet))
+        return 0
+    if not args.quiet:
+        output = path.with_name(path.name + "-fitted") if args.output_dir else None
+        print(f"next, its detector H: {default_fit_command(path, output)}", file=sys.stderr)
     print(path)
     return 0
 
@@ -207,12 +221,7 @@ def _assess_local(args: argparse.Namespace) -> list[dict]:
 
     loaded = _load(args)
     images = load_images(args.images, loaded.spec)
-    if args.model_dir is None:
-        from service.artifacts import load_default_detector
-
-        detector = load_default_detector(loaded, quiet=args.quiet)
-    else:
-        detector = load_detector(loaded)
+    detector = load_detector(loaded)
     assessor = Assessor(loaded, detector, device=_device(args.device))
     rows = []
     for start in range(0, len(images), args.batch_size):
@@ -365,77 +374,53 @@ def _add_service_commands(sub: argparse._SubParsersAction, common: argparse.Argu
     assess.set_defaults(func=cmd_assess)
 
 
-def cmd_train_detector(args: argparse.Namespace) -> int:
-    from service.artifacts import ensure_default_detector
-
-    loaded = _load(args)
-    print(ensure_default_detector(loaded, force=args.force, quiet=args.quiet))
-    return 0
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from detectors.fit.builtin import prepare
-    from detectors.fit.report import write_report
-    from service.artifacts import load_default_detector
+    import shutil
 
-    if args.model_dir is not None:
-        from detectors.model_dir import REPORT_DIR
+    from detectors.model_dir import REPORT_DIR
+    from service.artifacts import ensure_default_model
 
-        report = args.model_dir / REPORT_DIR / "REPORT.md"
-        if not report.exists():
-            raise UsageError(
-                f"{args.model_dir} has no report: it is written by `gradprobe fit` (without "
-                "--no-report); run fit again to make one"
-            )
-        print(report)
+    model_dir = args.model_dir
+    if model_dir is None:
+        model_dir = ensure_default_model(quiet=args.quiet)
+    report = model_dir / REPORT_DIR
+    if not (report / "REPORT.md").exists():
+        raise UsageError(
+            f"{model_dir} has no report: it is written by `gradprobe fit` (without "
+            "--no-report); run fit again to make one"
+        )
+    if args.output_dir is None:
+        print(report / "REPORT.md")
         return 0
-    loaded = _load(args)
-    detector = load_default_detector(loaded, quiet=args.quiet)
-    data = prepare(loaded.module, loaded.manifest.sha256, progress=not args.quiet)
-    path = write_report(
-        data,
-        loaded.module,
-        detector,
-        args.output_dir,
-        progress=not args.quiet,
-        leave_out=not args.no_leave_one_out,
-    )
-    print(path)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for file in sorted(report.iterdir()):
+        shutil.copy2(file, args.output_dir / file.name)
+    print(args.output_dir / "REPORT.md")
     return 0
 
 
 def _add_detector_commands(
     sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 ) -> None:
-    train = sub.add_parser(
-        "train-detector",
-        parents=[common],
-        help="(re)build the detector H for the classifier",
-        description="Build the challenge data (OOD sets, corruptions at 5 levels, adversarial "
-        "attacks; cached), compute gradient signals, fit H (scikit-learn MLP + temperature "
-        "scaling), export it to ONNX with a manifest naming the classifier's sha256.",
-    )
-    train.add_argument("--force", action="store_true", help="retrain even if it exists")
-    train.set_defaults(func=cmd_train_detector)
     evaluate = sub.add_parser(
         "evaluate",
         parents=[common],
         help="held-out report: H vs the peers, seen vs unseen",
-        description="Write REPORT.md and PNG plots: AUROC / FPR@95 / detection accuracy per "
-        "OOD set, corruption and attack for H and the peers (MSP, ODIN, Energy, Mahalanobis, "
-        "KNN, ViM, GradNorm), the 4-way confusion matrix, leave-one-kind-out results and an "
-        "ablation of H's signals.",
+        description=textwrap.fill(
+            "Show the held-out report `gradprobe fit` wrote into the model dir (the built-in "
+            "example's without --model-dir): REPORT.md and PNG plots with AUROC / FPR@95 / "
+            "detection accuracy per OOD set, corruption and attack for H and the peers (MSP, "
+            "ODIN, Energy, Mahalanobis, KNN, ViM, GradNorm), the 4-way confusion matrix, "
+            "leave-one-kind-out results and an ablation of H's signals. Prints its path, or "
+            "copies it into --output-dir (`--output-dir benchmarks/detector` regenerates the "
+            "shipped report)."
+        ),
     )
     evaluate.add_argument(
         "--output-dir",
         type=Path,
-        default=Path("benchmarks/detector"),
-        help="where REPORT.md and the plots go (default benchmarks/detector)",
-    )
-    evaluate.add_argument(
-        "--no-leave-one-out",
-        action="store_true",
-        help="skip the (slow) leave-one-kind-out retraining",
+        default=None,
+        help="copy REPORT.md and the plots here (default: print where they are)",
     )
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -694,13 +679,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train-model",
         parents=[common],
-        help="(re)build the default classifier",
-        description="Train the default Fashion-MNIST CNN reproducibly (fixed seed) from the "
-        "Debian package dataset-fashion-mnist and export it with its manifest.",
+        help="(re)build the built-in example's classifier",
+        description="Train the built-in example's Fashion-MNIST CNN reproducibly (fixed seed) "
+        "from the Debian package dataset-fashion-mnist and export it (torch.export) with its "
+        "manifest. `gradprobe fit` then makes the rest of the model dir, as for any "
+        "classifier; the command is printed at the end. Commands without --model-dir build "
+        "both on first use.",
     )
     train.add_argument("--force", action="store_true", help="rebuild even if it exists")
     train.add_argument(
         "--output-dir", type=Path, default=None, help="build into this folder instead of the cache"
+    )
+    train.add_argument(
+        "--fit",
+        action="store_true",
+        help="then run the `gradprobe fit` it prints, into the default model dir (what "
+        "`serve` without --model-dir serves)",
     )
     train.add_argument("--seed", type=int, default=None, help="custom seed (needs --output-dir)")
     train.add_argument(

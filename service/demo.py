@@ -128,13 +128,13 @@ def _serve_and_send(loaded: LoadedClassifier, sets: dict, quiet: bool) -> None:
     """Start the gRPC service on loopback, send every set through the client, print verdicts."""
     import urllib.request
 
-    from service.artifacts import load_default_detector
     from service.assessor import VERDICTS, Assessor
     from service.client import ReliabilityClient
+    from service.registry import load_detector
     from service.server import ReliabilityServer
     from service.settings import Settings
 
-    detector = load_default_detector(loaded, quiet=quiet)
+    detector = load_detector(loaded)
     server = ReliabilityServer(Settings(port=0, metrics_port=0, quiet=True))
     server.start()
     try:

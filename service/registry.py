@@ -1,8 +1,8 @@
 """Serving: which models a server (or the CLI) uses, each a classifier with its detector H.
 
-A model dir made by ``gradprobe fit`` holds its own H (``detector/``). The built-in
-Fashion-MNIST example keeps its H in the artifact cache, keyed by content. Nothing here
-trains: a model dir without H is refused with the command that makes one.
+A model dir made by ``gradprobe fit`` holds its own H (``detector/``); the built-in
+Fashion-MNIST example is one such dir (``service.artifacts``). Nothing here trains: a model
+dir without H, or a built-in example not built yet, is refused with the command that makes it.
 """
 
 from __future__ import annotations
@@ -40,20 +40,10 @@ def resolve_model_dirs(paths: Sequence[Path]) -> list[Path]:
 
 
 def load_detector(classifier: LoadedClassifier) -> OnnxDetector:
-    """The classifier's H: its model dir's own, or the built-in example's cached one."""
+    """The classifier's H, from its model dir."""
     own = classifier.model_dir / DETECTOR_DIR
     if (own / DETECTOR_MANIFEST).exists():
         return OnnxDetector(own, classifier.manifest.sha256)
-    from service import artifacts  # the built-in example's builder: only for its model
-
-    default = artifacts.default_detector_dir(classifier)
-    if (default / DETECTOR_MANIFEST).exists():
-        return OnnxDetector(default, classifier.manifest.sha256)
-    if classifier.model_dir == artifacts.default_model_dir().resolve():
-        raise DetectorMismatch(
-            "the built-in example's detector H is not built yet: run `gradprobe "
-            "train-detector` (a few minutes), then start again"
-        )
     raise DetectorMismatch(
         f"{classifier.model_dir} has no detector H ({DETECTOR_DIR}/ is missing): make it with "
         f"`gradprobe fit --classifier {classifier.path} --train-data DIR --output "
@@ -71,10 +61,17 @@ def load_assessor(
 def load_assessors(
     model_dirs: Sequence[Path], device: str = "cpu", *, quiet: bool = True
 ) -> list[Assessor]:
-    """One assessor per model dir (the built-in example when none is given)."""
+    """One assessor per model dir (the built-in example when none is given, if it is built:
+    serving never trains)."""
     if not model_dirs:
         from service import artifacts
 
-        default = artifacts.ensure_default_model(quiet=quiet)
+        default = artifacts.default_model_dir()
+        if not (default / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
+            raise DetectorMismatch(
+                "the built-in example is not built yet: run `gradprobe demo` (or `gradprobe "
+                "train-model`, then the `gradprobe fit` command it prints; several minutes), "
+                "or serve your own with --model-dir"
+            )
         return [load_assessor(default, device, name=DEFAULT_MODEL_NAME, quiet=quiet)]
     return [load_assessor(d, device, quiet=quiet) for d in resolve_model_dirs(model_dirs)]

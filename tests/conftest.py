@@ -10,6 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
+    """The built-in example's model dir: `train-model`, then `fit` (minutes on a new machine)."""
     from service.artifacts import ensure_default_model
 
     return ensure_default_model(quiet=True)
@@ -24,10 +25,10 @@ def default_classifier(default_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def default_detector(default_classifier):
-    """The default detector H, trained once per content (minutes on a new machine)."""
-    from service.artifacts import load_default_detector
+    """The built-in example's detector H, from its model dir."""
+    from service.registry import load_detector
 
-    return load_default_detector(default_classifier, quiet=True)
+    return load_detector(default_classifier)
 
 
 @pytest.fixture(scope="session")

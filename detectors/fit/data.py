@@ -4,8 +4,10 @@ An ImageFolder tree has one sub-folder per class holding PNG/JPEG files; the sor
 are the class indices (torchvision's convention); images of another size are resized
 (bilinear, reported) and converted to the model's channels. An ``.npz`` holds ``images`` —
 uint8 (n, H, W), (n, H, W, C) or (n, C, H, W), or floats in [0, 1] — at the model's size, and
-``labels`` (n,), and optionally ``classes``. Either way the result is float32 (n, C, H, W) in
-[0, 1].
+``labels`` (n,), and optionally ``classes``. A data set installed on this machine can be named
+instead of a path (``NAMED_SOURCES``: ``fashion-mnist:train``, ``fashion-mnist:test``, from the
+Debian package the built-in example is trained on). Either way the result is float32
+(n, C, H, W) in [0, 1].
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+NAMED_SOURCES = ("fashion-mnist:train", "fashion-mnist:test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -41,8 +44,37 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def named_source(path: Path | str) -> str | None:
+    """The installed data set ``path`` names, if it names one."""
+    text = str(path)
+    if text in NAMED_SOURCES:
+        return text
+    if text.split(":")[0] in {n.split(":")[0] for n in NAMED_SOURCES} and ":" in text:
+        raise DataError(f"unknown data set {text!r}; named sets: {', '.join(NAMED_SOURCES)}")
+    return None
+
+
+def _load_named(name: str, shape: tuple[int, int, int]) -> LabelledImages:
+    from detectors.fit.fashion_mnist import (
+        FASHION_MNIST_CLASSES,
+        fashion_mnist_digest,
+        load_fashion_mnist,
+        to_float,
+    )
+
+    if tuple(shape) != (1, 28, 28):
+        raise DataError(f"{name} holds 1×28×28 grey images; this classifier takes {list(shape)}")
+    split = load_fashion_mnist(name.split(":")[1])
+    digest = hashlib.sha256(f"{name}:{fashion_mnist_digest()}".encode()).hexdigest()
+    return LabelledImages(
+        to_float(split.images), split.labels.astype(np.int64), list(FASHION_MNIST_CLASSES), digest
+    )
+
+
 def survey(path: Path) -> tuple[int, int, int]:
     """(C, H, W) the data suggests: the most common size, 3 channels if any image has colour."""
+    if named_source(path):
+        return (1, 28, 28)
     path = Path(path)
     if path.suffix == ".npz":
         images = _npz_arrays(path)[0]
@@ -68,10 +100,16 @@ def load_labelled(
     ``classes``: the class names the classifier was fitted with (the training data's); a
     validation set must use the same folders.
     """
+    name = named_source(path)
     path = Path(path)
-    if not path.exists():
+    if name is None and not path.exists():
         raise DataError(f"{path} does not exist")
-    data = _load_npz(path, shape) if path.suffix == ".npz" else _load_folder(path, shape, quiet)
+    if name is not None:
+        data = _load_named(name, shape)
+    elif path.suffix == ".npz":
+        data = _load_npz(path, shape)
+    else:
+        data = _load_folder(path, shape, quiet)
     if classes is not None and data.classes != classes:
         unknown = sorted(set(data.classes) - set(classes))
         if unknown:
@@ -83,6 +121,9 @@ def load_labelled(
 
 def load_unlabelled(path: Path, shape: tuple[int, int, int], quiet: bool = True) -> np.ndarray:
     """All images under a folder (any depth), or an ``.npz``'s ``images``: the user's OOD set."""
+    name = named_source(path)
+    if name is not None:
+        return _load_named(name, shape).images
     path = Path(path)
     if path.suffix == ".npz":
         return _load_npz(path, shape, need_labels=False).images

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from detectors.detector import fit as fit_h
-from detectors.fit.builtin import PreparedData, vectors
 from detectors.fit.challenge.dataset import FAMILIES
+from detectors.fit.prepared import PreparedData, vectors
 from detectors.signals import SignalFeaturizer
 
 PEERS = ("MSP", "ODIN", "Energy", "Mahalanobis", "KNN", "ViM", "GradNorm")

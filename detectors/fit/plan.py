@@ -42,25 +42,30 @@ class PassCosts:
     gradient_s: float
 
 
-def measure_costs(model: torch.nn.Module, images: np.ndarray, batch: int = 16) -> PassCosts:
-    """Time the two kinds of pass on up to ``batch`` of ``images`` (after a warm-up)."""
+def measure_costs(
+    model: torch.nn.Module, images: np.ndarray, batch: int = 16, repeats: int = 3
+) -> PassCosts:
+    """Time the two kinds of pass on up to ``batch`` of ``images`` (after a warm-up), the
+    fastest of ``repeats``: other work on the machine only ever adds to a timing, and one
+    unlucky sample would shrink the whole recipe."""
     x = torch.from_numpy(np.ascontiguousarray(images[:batch], dtype=np.float32))
     engine = GradientFeatures(model)
-    engine.signals(x[:2])
-    start = time.perf_counter()
-    engine.signals(x)
-    features = (time.perf_counter() - start) / len(x)
 
     def step() -> None:
         probe = x.clone().requires_grad_(True)
         with torch.enable_grad():
             torch.autograd.grad(model(probe).logsumexp(1).sum(), [probe])
 
-    step()
-    start = time.perf_counter()
-    step()
-    gradient = (time.perf_counter() - start) / len(x)
-    return PassCosts(features, gradient)
+    def fastest(run: Callable[[], object]) -> float:
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times) / len(x)
+
+    return PassCosts(fastest(lambda: engine.signals(x)), fastest(step))
 
 
 def _attack_passes(name: str) -> float:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from detectors.fit.builtin import PreparedData, fit_featurizer, vectors
 from detectors.fit.challenge.dataset import FAMILIES
 from detectors.fit.evaluation import (
     PEERS,
@@ -20,11 +19,12 @@ from detectors.fit.evaluation import (
     per_kind_metrics,
     signal_columns,
 )
+from detectors.fit.prepared import PreparedData, vectors
 from detectors.signals import PORTABLE_GROUPS, SignalFeaturizer
 
 FeaturizerFactory = Callable[[tuple[str, ...]], SignalFeaturizer]
 
-# Signal sets of a user's H (no image statistics: they would assume a background).
+# Signal sets of H (no absolute image statistics: they would assume a background).
 PORTABLE_ABLATION = [
     ("gradients", ("gradients", "gradient_summary")),
     ("gradients + logits", ("gradients", "gradient_summary", "logits", "margin")),
@@ -40,24 +40,6 @@ PORTABLE_ABLATION = [
         ("logits", "margin", "knn", "mahalanobis"),
     ),
 ]
-FASHION_INTRO = (
-    "Regenerate with `gradprobe evaluate`. Test split: Fashion-MNIST test images whose "
-    "sources never appear in H's training or validation data (see "
-    "`detectors/fit/challenge/dataset.py`); peers from pytorch-ood on the same classifier "
-    "and the same images. Scores: AUROC of 'challenge vs clean' (higher is better).\n\n"
-    "H's inputs: the ranked log gradient norms (the method's signal), the peers' cheap "
-    "signals (max softmax, energy, max logit, KNN and Mahalanobis distances) and 16 "
-    "statistics of the image itself (`detectors.signals.image_statistics`). The peers "
-    "below use none of the image statistics; the ablation shows what each group adds, "
-    "including image statistics alone."
-)
-FASHION_CAVEAT = (
-    " H learns what its training kinds have in common; an attack unlike them (C&W-L2 "
-    "moves few pixels by little and leaves the background black) is called clean when "
-    "it was never seen, while MSP catches it by its low confidence. The image statistics "
-    "lean on Fashion-MNIST's black background: clean images from another pipeline "
-    "(JPEG artefacts, a grey background) would look corrupted to them."
-)
 
 
 def _ablation(
@@ -105,18 +87,6 @@ def _ablation(
     return rows
 
 
-FASHION_ABLATION = [
-    ("gradients", ("gradients",)),
-    ("gradients + logits", ("gradients", "logits")),
-    ("gradients + logits + knn", ("gradients", "logits", "knn")),
-    ("gradients + logits + knn + mahalanobis", ("gradients", "logits", "knn", "mahalanobis")),
-    ("all (+ image statistics) = H", ("gradients", "logits", "knn", "mahalanobis", "image")),
-    ("gradients + image statistics", ("gradients", "image")),
-    ("image statistics only", ("image",)),
-    ("peers' signals only (logits, knn, mahalanobis)", ("logits", "knn", "mahalanobis")),
-]
-
-
 def write_report(
     data: PreparedData,
     model: object,
@@ -125,17 +95,16 @@ def write_report(
     progress: bool = True,
     leave_out: bool = True,
     *,
-    reference: tuple[np.ndarray, np.ndarray] | None = None,
-    make_featurizer: FeaturizerFactory | None = None,
+    reference: tuple[np.ndarray, np.ndarray],
+    make_featurizer: FeaturizerFactory,
+    intro: str,
     ablation_sets: list[tuple[str, tuple[str, ...]]] | None = None,
-    intro: str = FASHION_INTRO,
-    caveat: str = FASHION_CAVEAT,
+    caveat: str = "",
 ) -> Path:
     """Compute everything and write ``REPORT.md`` and the plots into ``out_dir``.
 
-    The defaults describe the default Fashion-MNIST H; for a user's model, ``reference`` is
-    its clean training images and labels (peers and featurizers are fitted on them) and
-    ``make_featurizer`` builds a featurizer for a tuple of signal groups.
+    ``reference`` is the clean training images and labels (peers and featurizers are fitted
+    on them); ``make_featurizer`` builds a featurizer for a tuple of signal groups.
     """
     from sklearn.metrics import confusion_matrix, f1_score
 
@@ -146,11 +115,6 @@ def write_report(
     probs = detector.predict_proba_vectors(
         vectors(detector.featurizer, data.signals["test"], test.images)
     )
-    if make_featurizer is None:
-
-        def make_featurizer(groups: tuple[str, ...]) -> SignalFeaturizer:
-            return fit_featurizer(model, groups)
-
     peers = peer_scores(model, data, progress, reference=reference)
     scores = {"H": h_scores(probs), **peers.by_method}
     by_kind = per_kind_metrics(test.kind, scores, lambda k: k)
@@ -167,7 +131,7 @@ def write_report(
     groups = tuple(detector.featurizer.groups)
     guard = detector.guard is not None
     unseen = leave_one_out(data, make_featurizer(groups), progress, guard) if leave_out else {}
-    sets = ablation_sets or FASHION_ABLATION
+    sets = ablation_sets or PORTABLE_ABLATION
     ablation = _ablation(data, make_featurizer, sets, progress, guard)
 
     _plot_roc(test.kind, scores, out_dir / "roc_by_family.png")

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from detectors import detector as detector_module
-from detectors.fit.builtin import PreparedData, split_signals, vectors
 from detectors.fit.challenge.dataset import FAMILIES, SPLITS, ChallengeSplit
 from detectors.fit.data import DataError, LabelledImages, load_labelled, load_unlabelled, survey
 from detectors.fit.domain import (
@@ -40,6 +39,7 @@ from detectors.fit.domain import (
     split_val_sources,
 )
 from detectors.fit.plan import Plan
+from detectors.fit.prepared import PreparedData, split_signals, vectors
 from detectors.gradients import GradientFeatures
 from detectors.importer import load_program
 from detectors.model_dir import (
@@ -118,16 +118,30 @@ def _probe_shape(
     )
 
 
+def origin_manifest(classifier: Path) -> Manifest | None:
+    """The manifest beside the classifier file when the file is that model dir's own (a
+    classifier from `gradprobe train-model`, or one fitted before): its name and training
+    record carry over."""
+    try:
+        manifest = Manifest.read(classifier.parent)
+    except ArtifactError:
+        return None
+    if manifest.file != classifier.name or manifest.sha256 != sha256_file(classifier):
+        return None
+    return manifest
+
+
 def write_classifier(
     classifier: Path, staging: Path, spec: ModelSpec, data: LabelledImages, options: FitOptions
 ) -> LoadedClassifier:
     """Copy the file into the model dir with its manifest, then load it through the checked
     path serving uses; the layers, known once it is lifted, complete the manifest."""
     fmt = classifier_format(classifier)
+    origin = origin_manifest(classifier)
     target = staging / MODEL_FILES[fmt]
     shutil.copyfile(classifier, target)
     manifest = Manifest(
-        architecture=f"user:{classifier.stem}",
+        architecture=origin.architecture if origin else f"user:{classifier.stem}",
         format=fmt,
         file=target.name,
         sha256=sha256_file(target),
@@ -298,6 +312,9 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
         accuracy = float((predicted == sources.labels["test"]).mean())
         manifest = loaded.manifest
         manifest.test_accuracy = round(accuracy, 6)
+        origin = origin_manifest(classifier)
+        if origin is not None and origin.recipe:
+            summary["classifier_training"] = origin.recipe.get("classifier_training", origin.recipe)
         manifest.recipe = summary
         manifest.write(staging)
         _note(options, f"classifier accuracy on the held-out split: {accuracy:.2%}")

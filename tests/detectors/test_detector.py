@@ -76,7 +76,7 @@ def test_altered_files_are_refused(trained, tmp_path) -> None:
 
 
 def test_not_a_detector_folder(tmp_path) -> None:
-    with pytest.raises(DetectorMismatch, match="train-detector"):
+    with pytest.raises(DetectorMismatch, match="gradprobe fit --classifier"):
         OnnxDetector(tmp_path, CLASSIFIER_SHA)
 
 

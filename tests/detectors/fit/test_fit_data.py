@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from byom_models import write_image_folder
@@ -83,3 +85,22 @@ def test_unreadable_image_is_named(tmp_path) -> None:
     (root / "b" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"broken\.png"):
         load_labelled(root, (3, 8, 8))
+
+
+def test_an_installed_data_set_is_named_instead_of_a_path() -> None:
+    from detectors.fit.data import survey
+
+    data = load_labelled(Path("fashion-mnist:test"), (1, 28, 28))
+    assert data.images.shape == (10_000, 1, 28, 28) and data.images.dtype == np.float32
+    assert data.images.min() >= 0.0 and data.images.max() <= 1.0
+    assert len(data.classes) == 10 and set(np.unique(data.labels)) == set(range(10))
+    assert survey(Path("fashion-mnist:train")) == (1, 28, 28)
+    # The digest names the split: train and test never share a cache entry.
+    assert data.digest != load_labelled(Path("fashion-mnist:train"), (1, 28, 28)).digest
+
+
+def test_a_named_set_refuses_another_shape_and_unknown_names() -> None:
+    with pytest.raises(DataError, match="1×28×28"):
+        load_labelled(Path("fashion-mnist:test"), (3, 32, 32))
+    with pytest.raises(DataError, match="fashion-mnist:train"):
+        load_labelled(Path("fashion-mnist:validation"), (1, 28, 28))
