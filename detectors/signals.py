@@ -6,9 +6,10 @@ sorted by how much change they ask for (the predicted class first), so that H le
 the signals the strongest peers use, all computed from the forward pass the features need
 anyway: maximum softmax, energy (log-sum-exp of the logits), the top-two logit margin, cosine
 distance to the k-th nearest training embedding (KNN) and the class-conditional Mahalanobis
-distance. And cheap
-statistics of the image itself (``image_statistics``): brightness, dark and saturated
-fractions, total variation, high-frequency energy, border and background levels, quantiles.
+distance. Image statistics enter only relative to the user's clean training images
+(``image_relative``): ``portable_image_statistics`` (brightness and its spread, clipping,
+sharpness, noise, colour, JPEG blockiness) z-scored against theirs, so nothing assumes a
+background colour, a size or a channel count.
 Which groups are used is part of the detector's manifest; the evaluation measures what each
 adds.
 """
@@ -26,13 +27,12 @@ GROUPS = (
     "logits",
     "knn",
     "mahalanobis",
-    "image",
     "gradient_summary",
     "image_relative",
     "margin",
 )
-# The default Fashion-MNIST H's groups (the image statistics assume its black background).
-DEFAULT_GROUPS = ("gradients", "logits", "knn", "mahalanobis", "image")
+# The signals that need no images (the featurizer's default).
+BASIC_GROUPS = ("gradients", "logits", "knn", "mahalanobis")
 # For a user's classifier: nothing that assumes a background, a size or a class count.
 PORTABLE_GROUPS = (
     "gradients",
@@ -44,26 +44,6 @@ PORTABLE_GROUPS = (
     "image_relative",
 )
 EPS = 1e-30
-IMAGE_COLUMNS = (
-    "img_mean",
-    "img_std",
-    "img_dark_fraction",
-    "img_bright_fraction",
-    "img_log_total_variation",
-    "img_log_laplacian_energy",
-    "img_log_laplacian_to_energy",
-    "img_dark_half_mean",
-    "img_dark_half_std",
-    "img_border_mean",
-    "img_border_std",
-    "img_q05",
-    "img_q25",
-    "img_q50",
-    "img_q75",
-    "img_q95",
-)
-
-
 RELATIVE_IMAGE_COLUMNS = (
     "rel_mean",
     "rel_std",
@@ -142,54 +122,11 @@ def _portable_statistics(images: np.ndarray) -> np.ndarray:
     )
 
 
-def image_statistics(images: np.ndarray) -> np.ndarray:
-    """(B, len(IMAGE_COLUMNS)) float64 statistics of images (B, [C,] H, W) in [0, 1].
-
-    They see what the gradients see only indirectly: noise and snow raise the background and
-    its spread, blur and haze lower the high-frequency energy, exposure shifts the quantiles,
-    and L∞ attacks lift about half of a black background by ε. Thresholds (not equality with
-    0 or 1) keep them blind to 8-bit quantization, which says nothing about reliability.
-    """
-    x = np.asarray(images, dtype=np.float64)
-    if x.ndim < 3:
-        raise ValueError(f"images must be (B, [C,] H, W), got shape {x.shape}")
-    x = x.reshape(len(x), -1, *x.shape[-2:]).mean(1)  # channels averaged: (B, H, W)
-    flat = x.reshape(len(x), -1)
-    total_variation = np.abs(np.diff(x, axis=2)).mean((1, 2)) + np.abs(np.diff(x, axis=1)).mean(
-        (1, 2)
-    )
-    laplacian = (
-        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    )
-    log_hf = np.log((laplacian**2).mean((1, 2)) + 1e-8)
-    log_energy = np.log((x**2).mean((1, 2)) + 1e-8)
-    dark_half = np.sort(flat, axis=1)[:, : flat.shape[1] // 2]  # the background, mostly
-    edges = (x[:, :2], x[:, -2:], x[:, 2:-2, :2], x[:, 2:-2, -2:])  # 2-pixel frame
-    border = np.concatenate([e.reshape(len(x), -1) for e in edges], axis=1)
-    quantiles = np.percentile(flat, [5, 25, 50, 75, 95], axis=1).T
-    return np.column_stack(
-        [
-            flat.mean(1),
-            flat.std(1),
-            (flat < 0.02).mean(1),
-            (flat > 0.98).mean(1),
-            np.log(total_variation + 1e-6),
-            log_hf,
-            log_hf - log_energy,
-            dark_half.mean(1),
-            dark_half.std(1),
-            border.mean(1),
-            border.std(1),
-            quantiles,
-        ]
-    )
-
-
 @dataclass
 class SignalFeaturizer:
     """Fitted state for the distance signals; ``fit`` on clean training embeddings first."""
 
-    groups: tuple[str, ...] = DEFAULT_GROUPS
+    groups: tuple[str, ...] = BASIC_GROUPS
     knn_k: int = 10
     bank: np.ndarray | None = None  # (M, D) L2-normalized training embeddings
     class_means: np.ndarray | None = None  # (N, D)
@@ -268,8 +205,6 @@ class SignalFeaturizer:
             names += [f"knn{self.knn_k}_cosine_distance"]
         if "mahalanobis" in self.groups:
             names += ["mahalanobis_min"]
-        if "image" in self.groups:
-            names += list(IMAGE_COLUMNS)
         if "image_relative" in self.groups:
             names += [*RELATIVE_IMAGE_COLUMNS, "rel_image_distance"]
         return names
@@ -282,7 +217,7 @@ class SignalFeaturizer:
         images: np.ndarray | None = None,
     ) -> np.ndarray:
         """(B, d) float32 from features (B, N, L), logits (B, N), embeddings (B, D) and, for
-        the ``image`` group, the images (B, 1, H, W) the signals were computed from."""
+        the ``image_relative`` group, the images (B, C, H, W) the signals were computed from."""
         columns = []
         log_grad = np.log(features.astype(np.float64) + EPS)
         if "gradients" in self.groups:
@@ -318,12 +253,6 @@ class SignalFeaturizer:
             # (diff P) * diff summed: a BLAS product; the equivalent einsum is ~20x slower.
             distances = ((diff @ self.precision) * diff).sum(-1)
             columns.append(np.log(distances.min(1) + 1e-6)[:, None])
-        if "image" in self.groups:
-            if images is None:
-                raise ValueError("this featurizer uses image statistics: pass the images")
-            if len(images) != len(features):
-                raise ValueError(f"{len(images)} images for {len(features)} feature rows")
-            columns.append(image_statistics(images))
         if "image_relative" in self.groups:
             if images is None or len(images) != len(features):
                 raise ValueError("this featurizer measures the images: pass one per row")
@@ -361,8 +290,15 @@ class SignalFeaturizer:
     @classmethod
     def load(cls, path: Path) -> SignalFeaturizer:
         with np.load(path, allow_pickle=False) as data:
+            groups = tuple(str(g) for g in data["groups"])
+            unknown = sorted(set(groups) - set(GROUPS))
+            if unknown:  # e.g. the absolute "image" statistics, which are gone
+                raise ValueError(
+                    f"{path} was fitted with signal groups {unknown} that this version no "
+                    "longer computes: fit the detector again with `gradprobe fit`"
+                )
             return cls(
-                groups=tuple(str(g) for g in data["groups"]),
+                groups=groups,
                 knn_k=int(data["knn_k"]),
                 bank=data["bank"],
                 class_means=data["class_means"],

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors.signals import IMAGE_COLUMNS, SignalFeaturizer, image_statistics
+from detectors.signals import (
+    BASIC_GROUPS,
+    GROUPS,
+    RELATIVE_IMAGE_COLUMNS,
+    SignalFeaturizer,
+    portable_image_statistics,
+)
 
 
 @pytest.fixture
@@ -14,7 +20,9 @@ def fitted() -> SignalFeaturizer:
     labels = np.repeat(np.arange(3), 50)
     centers = rng.normal(size=(3, 8)) * 5
     embeddings = centers[labels] + rng.normal(size=(150, 8))
-    return SignalFeaturizer(knn_k=3).fit(embeddings, labels, bank_size=150)
+    clean_images = rng.random((150, 1, 28, 28))
+    featurizer = SignalFeaturizer(groups=(*BASIC_GROUPS, "image_relative"), knn_k=3)
+    return featurizer.fit(embeddings, labels, bank_size=150, images=clean_images)
 
 
 def test_columns_match_vector_width(fitted: SignalFeaturizer) -> None:
@@ -25,9 +33,42 @@ def test_columns_match_vector_width(fitted: SignalFeaturizer) -> None:
     names = fitted.column_names(3, ["a", "b"])
     assert out.shape == (4, len(names)) and out.dtype == np.float32
     assert names[:2] == ["log_grad[rank0][a]", "log_grad[rank0][b]"]
-    tail = len(IMAGE_COLUMNS) + 3
-    assert names[-tail:-16] == ["max_logit", "knn3_cosine_distance", "mahalanobis_min"]
-    assert names[-len(IMAGE_COLUMNS) :] == list(IMAGE_COLUMNS)
+    tail = len(RELATIVE_IMAGE_COLUMNS) + 1
+    assert names[-tail - 3 : -tail] == ["max_logit", "knn3_cosine_distance", "mahalanobis_min"]
+    assert names[-tail:] == [*RELATIVE_IMAGE_COLUMNS, "rel_image_distance"]
+    assert not any(name.startswith("img_") for name in names)  # no absolute statistics
+
+
+def test_the_default_groups_need_no_images() -> None:
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(2), 20)
+    default = SignalFeaturizer(knn_k=3).fit(rng.normal(size=(40, 4)), labels)
+    assert default.groups == BASIC_GROUPS and default.image_mean is None
+    out = default.transform(
+        rng.random((3, 2, 1)) + 0.1, rng.normal(size=(3, 2)), rng.normal(size=(3, 4))
+    )
+    assert out.shape == (3, len(default.column_names(2, ["conv"])))
+    assert np.isfinite(out).all()
+
+
+def test_image_statistics_enter_only_relative_to_the_clean_images(fitted) -> None:
+    assert "image" not in GROUPS  # the absolute statistics assumed a black background
+    only = SignalFeaturizer(
+        groups=("image_relative",),
+        image_mean=fitted.image_mean,
+        image_std=fitted.image_std,
+        image_precision=fitted.image_precision,
+    )
+    rng = np.random.default_rng(5)
+    clean_like = rng.random((4, 1, 28, 28))
+    out = only.transform(np.ones((4, 3, 1)), np.zeros((4, 3)), np.zeros((4, 8)), clean_like)
+    z = (portable_image_statistics(clean_like) - fitted.image_mean) / fitted.image_std
+    np.testing.assert_allclose(out[:, :-1], z, rtol=1e-5, atol=1e-5)
+    # A low-contrast, near-white image is far from these clean images: no background is assumed.
+    white = only.transform(
+        np.ones((4, 3, 1)), np.zeros((4, 3)), np.zeros((4, 8)), 1 - clean_like * 0.1
+    )
+    assert (white[:, -1] > out[:, -1]).all()  # log distance from the clean images
 
 
 def test_gradient_rows_are_ranked_by_total_change(fitted: SignalFeaturizer) -> None:
@@ -87,68 +128,38 @@ def test_save_load_round_trip_without_pickle(fitted, tmp_path) -> None:
     assert loaded.groups == fitted.groups and loaded.knn_k == 3
 
 
+def test_a_featurizer_saved_with_the_absolute_image_group_must_be_refitted(
+    fitted, tmp_path
+) -> None:
+    fitted.save(tmp_path / "f.npz")
+    with np.load(tmp_path / "f.npz") as data:
+        arrays = dict(data)
+    arrays["groups"] = np.array([*BASIC_GROUPS, "image"])  # as the old Fashion-MNIST H had
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(ValueError, match=r"\['image'\].*gradprobe fit"):
+        SignalFeaturizer.load(tmp_path / "old.npz")
+
+
 def test_errors_say_what_to_do() -> None:
     with pytest.raises(ValueError, match="unknown signal groups"):
         SignalFeaturizer(groups=("gradients", "vibes")).fit(np.zeros((4, 2)), np.zeros(4))
     with pytest.raises(RuntimeError, match="fit must run"):
         SignalFeaturizer().transform(np.ones((1, 2, 1)), np.zeros((1, 2)), np.zeros((1, 2)))
-    with pytest.raises(ValueError, match="pass the images"):
-        SignalFeaturizer(groups=("image",)).transform(
+    with pytest.raises(ValueError, match="unknown signal groups"):
+        SignalFeaturizer(groups=("image",)).fit(np.zeros((4, 2)), np.zeros(4))
+    with pytest.raises(ValueError, match="needs the clean training images"):
+        SignalFeaturizer(groups=("image_relative",)).fit(np.zeros((4, 2)), np.zeros(4))
+    with pytest.raises(ValueError, match="pass one per row"):
+        SignalFeaturizer(groups=("image_relative",)).transform(
             np.ones((1, 2, 1)), np.zeros((1, 2)), np.zeros((1, 2))
+        )
+    with pytest.raises(ValueError, match="pass one per row"):
+        SignalFeaturizer(groups=("image_relative",)).transform(
+            np.ones((2, 2, 1)), np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((1, 1, 4, 4))
         )
 
 
-def _garment() -> np.ndarray:
-    """A bright blob on a black background, as Fashion-MNIST images are."""
-    image = np.zeros((1, 1, 28, 28))
-    image[0, 0, 6:22, 8:20] = 0.7
-    return image
-
-
-def test_image_statistics_shape_and_a_clean_black_background() -> None:
-    stats = image_statistics(np.concatenate([_garment(), _garment()]))
-    assert stats.shape == (2, len(IMAGE_COLUMNS)) and np.isfinite(stats).all()
-    named = dict(zip(IMAGE_COLUMNS, stats[0], strict=True))
-    assert named["img_mean"] == pytest.approx(0.7 * 16 * 12 / 784)
-    assert named["img_dark_fraction"] == pytest.approx(1 - 16 * 12 / 784)
-    assert named["img_bright_fraction"] == 0
-    assert named["img_border_mean"] == named["img_border_std"] == 0
-    assert named["img_dark_half_mean"] == named["img_q05"] == 0
-
-
-def test_image_statistics_see_noise_blur_and_an_linf_attack() -> None:
-    clean = _garment()
-    rng = np.random.default_rng(0)
-    noisy = np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1)
-    blurred = clean.copy()
-    for axis in (2, 3):  # a 3-tap box blur, twice
-        for _ in range(2):
-            blurred = (np.roll(blurred, 1, axis) + blurred + np.roll(blurred, -1, axis)) / 3
-    # An L-inf step of 0.05 in a random direction lifts about half of the black background.
-    attacked = np.clip(clean + 0.05 * rng.choice([-1.0, 1.0], clean.shape), 0, 1)
-    s = {
-        name: dict(zip(IMAGE_COLUMNS, image_statistics(x)[0], strict=True))
-        for name, x in (("clean", clean), ("noisy", noisy), ("blur", blurred), ("adv", attacked))
-    }
-    assert s["noisy"]["img_dark_half_std"] > s["clean"]["img_dark_half_std"] + 0.01
-    assert s["noisy"]["img_log_total_variation"] > s["clean"]["img_log_total_variation"]
-    assert s["blur"]["img_log_laplacian_energy"] < s["clean"]["img_log_laplacian_energy"]
-    assert 0.3 < s["adv"]["img_dark_fraction"] < s["clean"]["img_dark_fraction"] - 0.3
-
-
-def test_image_statistics_average_channels_and_ignore_quantization() -> None:
-    clean = _garment()
-    rgb = np.repeat(clean, 3, axis=1)
-    np.testing.assert_allclose(image_statistics(rgb), image_statistics(clean))
-    quantized = np.round(clean * 255) / 255
-    np.testing.assert_allclose(image_statistics(quantized), image_statistics(clean), atol=1e-2)
-    with pytest.raises(ValueError, match="images must be"):
-        image_statistics(np.zeros((4, 784)))
-
-
 def test_portable_image_statistics_hold_for_any_shape_and_chunk() -> None:
-    from detectors.signals import RELATIVE_IMAGE_COLUMNS, portable_image_statistics
-
     rng = np.random.default_rng(0)
     rgb = rng.uniform(0, 1, (300, 3, 20, 24)).astype(np.float32)
     stats = portable_image_statistics(rgb)
