@@ -203,13 +203,14 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
     def _streaming(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            named = _FirstModelNamed(request)
             try:
                 if isinstance(request, MalformedRequest):  # a unary request, streamed answers
                     raise InvalidInput(request.message)
-                yield from behavior(request, context)
+                yield from behavior(named.requests, context)
             except Exception as exc:
-                self._abort(method, exc, context, "")
-            self._observe(method, _code_of(context), "")
+                self._abort(method, exc, context, named.model)
+            self._observe(method, _code_of(context), named.model)
 
         return wrapped
 
@@ -225,6 +226,23 @@ class StatusInterceptor(grpc.ServerInterceptor):
         code, message = status_for(exc)
         self._observe(method, code, model)
         context.abort(code, message)
+
+
+class _FirstModelNamed:
+    """A call's requests, passed on as they come, noting the first model one of them names:
+    the model a streaming call counts under (a unary request names its own)."""
+
+    def __init__(self, request: Any) -> None:
+        self.model = getattr(request, "model", "")
+        self.requests = request
+        if isinstance(request, Iterator):
+            self.requests = self._noting(request)
+
+    def _noting(self, requests: Iterator[Any]) -> Iterator[Any]:
+        for request in requests:
+            if not self.model:
+                self.model = getattr(request, "model", "")
+            yield request
 
 
 # Attributes gRPC reads on a handler's behavior to decide how to run it. grpc-health sets both

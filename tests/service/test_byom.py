@@ -107,6 +107,24 @@ def test_several_models_each_request_names_its_own(two_models, images) -> None:
     assert "model" in unnamed.value.details() and "signs-b" in unnamed.value.details()
 
 
+def test_a_stream_counts_under_the_model_its_requests_name(two_models, images) -> None:
+    registry = two_models.metrics.registry
+
+    def streams(model: str) -> float:
+        labels = {"model": model, "method": "AssessStream", "code": "OK"}
+        return registry.get_sample_value("gradprobe_requests_total", labels) or 0.0
+
+    before = {m: streams(m) for m in ("signs-b", "model", "unknown")}
+    with ReliabilityClient(two_models.target, timeout=30) as client:
+        answers = list(client.stream([images[:2], images[2:3]], model="signs-b"))
+    assert len(answers) == 2
+    deadline = time.monotonic() + 10  # counted when the server closes the stream
+    while streams("signs-b") == before["signs-b"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert streams("signs-b") == before["signs-b"] + 1
+    assert streams("model") == before["model"] and streams("unknown") == before["unknown"]
+
+
 def test_unknown_model_is_not_found_with_the_served_names(two_models, images) -> None:
     with ReliabilityClient(two_models.target, timeout=30) as client:
         with pytest.raises(grpc.RpcError) as err:

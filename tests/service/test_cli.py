@@ -230,3 +230,47 @@ def test_archive_writes_a_mar_with_the_chosen_mode(capsys, tmp_path, default_mod
     assert main(args) == 2  # no silent overwrite
     assert "--force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
+
+
+def test_the_default_model_dir_is_made_by_train_model_then_fit(capsys, default_model_dir) -> None:
+    """One model dir, like a user's: the classifier keeps its name and training record, fit
+    added H and the held-out report."""
+    from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
+    from detectors.model_dir import DETECTOR_DIR, REPORT_DIR
+    from detectors.spec import Manifest
+    from service.artifacts import default_classifier_dir, default_fit_command
+    from service.classifier import ARCHITECTURE
+
+    manifest = Manifest.read(default_model_dir)
+    assert manifest.architecture == ARCHITECTURE
+    assert manifest.recipe["classifier_training"]["epochs"] >= 1  # from train-model
+    assert manifest.recipe["eps"] and manifest.recipe["time_plan"]  # from fit
+    assert manifest.sha256 == Manifest.read(default_classifier_dir()).sha256
+    detector = json.loads((default_model_dir / DETECTOR_DIR / DETECTOR_MANIFEST).read_text())
+    assert detector["classifier_sha256"] == manifest.sha256
+    assert detector["guard"] is not None  # the portable H, as for any user's model
+    assert (default_model_dir / REPORT_DIR / "REPORT.md").exists()
+    command = default_fit_command()
+    assert "--train-data fashion-mnist:train --val-data fashion-mnist:test" in command
+
+
+def test_evaluate_copies_the_report_fit_wrote(capsys, tmp_path, default_model_dir) -> None:
+    code, out, _ = run_cli(capsys, "evaluate", "--quiet")
+    assert code == 0 and Path(out.strip()).parent.parent == default_model_dir
+    code, out, _ = run_cli(capsys, "evaluate", "--quiet", "--output-dir", str(tmp_path / "r"))
+    assert code == 0 and Path(out.strip()) == tmp_path / "r" / "REPORT.md"
+    assert "## By family" in (tmp_path / "r" / "REPORT.md").read_text()
+    assert (tmp_path / "r" / "roc_by_family.png").stat().st_size > 0
+
+
+def test_serve_without_a_built_default_says_what_to_run(tmp_path, monkeypatch) -> None:
+    """Serving never trains: on a machine without the built-in example it fails at once."""
+    monkeypatch.setenv("GRADPROBE_HOME", str(tmp_path / "home"))
+    exe = Path(sys.executable).with_name("gradprobe")
+    result = subprocess.run(
+        [str(exe), "serve", "--port", "0", "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "not built yet" in result.stderr and "gradprobe demo" in result.stderr
+    assert not (tmp_path / "home" / "models").exists()  # nothing was trained
