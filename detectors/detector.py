@@ -253,7 +253,10 @@ class OnnxDetector:
                     f"{expected}: the file was altered or replaced"
                 )
         self.folder = folder
-        self.featurizer = SignalFeaturizer.load(folder / FEATURIZER_FILE)
+        try:
+            self.featurizer = SignalFeaturizer.load(folder / FEATURIZER_FILE)
+        except ValueError as exc:  # made by a release that computed other signals
+            raise DetectorMismatch(f"{folder}: {exc}") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # tiny graph: threads cost more than they give
         self.session = onnxruntime.InferenceSession(

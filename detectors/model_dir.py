@@ -106,8 +106,8 @@ def verified_file(model_dir: Path, manifest: Manifest) -> Path:
     if actual != manifest.sha256:
         raise ArtifactError(
             f"{path} has sha256 {actual} but its manifest says {manifest.sha256}: the file was "
-            "altered or replaced; rebuild the model dir (`gradprobe fit` or `gradprobe "
-            "train-model --force`)"
+            "altered or replaced; rebuild the model dir (`gradprobe fit`, or `gradprobe "
+            "train-model --fit --force` for the built-in example)"
         )
     return path
 

@@ -7,7 +7,7 @@ installed Fashion-MNIST training images, with the test images as validation data
 
 Both are cached under ``$GRADPROBE_HOME`` (default ``~/.cache/gradprobe``) in folders named by
 a key over everything they are built from: the code, the recipes, the data and the torch
-version. Anything that would change them changes the key, so a cached one is never stale, and
+version. Anything that would change them changes the key, so a cached one is not stale, and
 tests and the CLI share one build.
 """
 
@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -119,14 +120,18 @@ def ensure_default_classifier(*, force: bool = False, quiet: bool = False) -> Pa
     return target
 
 
+class FitUnavailable(RuntimeError):
+    """A serving-only install was asked to build the built-in example's detector."""
+
+
 # The default deployment's `gradprobe fit` arguments besides the classifier and the output.
 DEFAULT_TRAIN_DATA = "fashion-mnist:train"
 DEFAULT_VAL_DATA = "fashion-mnist:test"
 
 
 def default_fit_options(*, progress: bool = True) -> FitOptions:
-    """The full challenge recipe, without a time limit: the default H is the same on every
-    machine, however fast (a time limit would size the recipe to the machine)."""
+    """The full challenge recipe, without a time limit: the recipe does not depend on how fast
+    the machine is (a time limit would size it to the machine)."""
     from detectors.fit.training import FitOptions
 
     return FitOptions(val_data=Path(DEFAULT_VAL_DATA), time_limit_s=None, progress=progress)
@@ -135,11 +140,29 @@ def default_fit_options(*, progress: bool = True) -> FitOptions:
 def default_fit_command(classifier_dir: Path | None = None, output: Path | None = None) -> str:
     classifier_dir = classifier_dir or default_classifier_dir()
     output = output or default_model_dir()
+    classifier = shlex.quote(str(classifier_dir / classifier_module.MODEL_FILE))
     return (
-        f"gradprobe fit --classifier {classifier_dir / classifier_module.MODEL_FILE} "
+        f"gradprobe fit --classifier {classifier} "
         f"--train-data {DEFAULT_TRAIN_DATA} --val-data {DEFAULT_VAL_DATA} --time-limit 0 "
-        f"--output {output}"
+        f"--output {shlex.quote(str(output))}"
     )
+
+
+# What H is made with besides our code (versions read from the install, nothing imported).
+FIT_PACKAGES = ("torch", "scikit-learn", "skl2onnx", "torchattacks", "pytorch-ood", "scipy",
+                "scikit-image", "numpy")  # fmt: skip
+
+
+def _versions(names: tuple[str, ...]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def default_model_dir() -> Path:
@@ -152,9 +175,9 @@ def default_model_dir() -> Path:
     # Nothing of fitting is imported: `serve` asks for this path on a serving-only install.
     parts = {
         "classifier": default_classifier_key(),
-        "code": code_fingerprint(sorted(package.rglob("*.py"))),
+        "code": code_fingerprint([*sorted(package.rglob("*.py")), Path(__file__)]),
         "data": [DEFAULT_TRAIN_DATA, DEFAULT_VAL_DATA, "no time limit"],
-        "torch": torch.__version__,
+        "packages": _versions(FIT_PACKAGES),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return gradprobe_home() / "models" / f"fashion-{key}"
@@ -164,13 +187,20 @@ def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
     """The default model dir (classifier, H, report), built first if it is absent (or
     ``force``): `train-model`, then `fit` (several minutes on a new machine)."""
     from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
-    from detectors.fit.training import fit
     from detectors.model_dir import DETECTOR_DIR
 
+    try:
+        from detectors.fit.training import fit
+    except ImportError as exc:
+        raise FitUnavailable(
+            f"building the built-in example's detector needs the fitting packages ({exc.name} "
+            "is missing): install them with `pip install 'gradprobe[fit]'` (`make setup` "
+            "does), or pass --model-dir"
+        ) from None
     target = default_model_dir()
     with _build_lock(target):
         if force or not (target / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
-            classifier_dir = ensure_default_classifier(quiet=quiet)
+            classifier_dir = ensure_default_classifier(force=force, quiet=quiet)
             fit(
                 classifier_dir / classifier_module.MODEL_FILE,
                 Path(DEFAULT_TRAIN_DATA),
@@ -178,6 +208,18 @@ def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
                 default_fit_options(progress=not quiet),
             )
     return target
+
+
+def default_classifier_only(*, quiet: bool = False) -> Path:
+    """For commands that need only the classifier (info, features, archive): the default model
+    dir when it is built, else the classifier's own dir (trained if absent), never a fit."""
+    from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
+    from detectors.model_dir import DETECTOR_DIR
+
+    built = default_model_dir()
+    if (built / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
+        return built
+    return ensure_default_classifier(quiet=quiet)
 
 
 def load_default_classifier(device: str = "cpu", *, quiet: bool = False) -> LoadedClassifier:

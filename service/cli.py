@@ -25,8 +25,9 @@ adversarial), from the gradients of all contrast labels backpropagated through t
 Bring your own classifier: `gradprobe fit` turns a TorchScript (.pt) or torch.export (.pt2) file
 and a folder of your clean images into a model dir (classifier, manifest, detector H, report)
 that every other command takes with --model-dir. Without --model-dir, commands use the built-in
-example, a Fashion-MNIST CNN built reproducibly on first use and cached under $GRADPROBE_HOME
-(default ~/.cache/gradprobe). Images are .npy batches: float32 (B, C, H, W) in [0, 1] at the
+example, a Fashion-MNIST CNN and its detector made by `train-model` and `fit` on first use
+(`serve` never builds: it names the command to run) and cached under $GRADPROBE_HOME (default
+~/.cache/gradprobe). Images are .npy batches: float32 (B, C, H, W) in [0, 1] at the
 model's input shape (`gradprobe info`), or uint8 pixels.
 """
 
@@ -56,11 +57,16 @@ def _device(name: str) -> str:
     return name
 
 
-def _load(args: argparse.Namespace) -> LoadedClassifier:
+def _load(args: argparse.Namespace, *, with_detector: bool = True) -> LoadedClassifier:
+    """The model dir's classifier; without --model-dir the built-in example's, built first
+    (its detector too when ``with_detector``)."""
     from detectors.model_dir import load_classifier
-    from service.artifacts import ensure_default_model
+    from service.artifacts import default_classifier_only, ensure_default_model
 
-    model_dir = args.model_dir or ensure_default_model(quiet=args.quiet)
+    model_dir = args.model_dir
+    if model_dir is None:
+        build = ensure_default_model if with_detector else default_classifier_only
+        model_dir = build(quiet=args.quiet)
     return load_classifier(model_dir, device=_device(args.device))
 
 
@@ -68,7 +74,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
     from detectors.model_dir import DETECTOR_DIR, REPORT_DIR
 
-    loaded = _load(args)
+    loaded = _load(args, with_detector=False)
     manifest = loaded.manifest
     detector = loaded.model_dir / DETECTOR_DIR
     report = loaded.model_dir / REPORT_DIR / "REPORT.md"
@@ -104,7 +110,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     from detectors.gradients import GradientFeatures
 
-    loaded = _load(args)
+    loaded = _load(args, with_detector=False)
     images = load_images(args.images, loaded.spec)
     engine = GradientFeatures(loaded.module, labels=args.labels, max_batch=args.batch_size)
     if engine.layer_names != loaded.manifest.layers:
@@ -149,6 +155,8 @@ def cmd_train_model(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else recipe.seed,
         epochs=args.epochs if args.epochs is not None else recipe.epochs,
     )
+    if args.fit and args.output_dir is not None:
+        raise UsageError("--fit builds the default model dir: drop --output-dir, or run fit")
     if args.output_dir is not None:
         if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.force:
             raise UsageError(f"{args.output_dir} is not empty; pass --force to replace it")
@@ -158,8 +166,6 @@ def cmd_train_model(args: argparse.Namespace) -> int:
     else:
         path = ensure_default_classifier(force=args.force, quiet=args.quiet)
     if args.fit:
-        if args.output_dir is not None:
-            raise UsageError("--fit builds the default model dir: drop --output-dir, or run fit")
         from service.artifacts import ensure_default_model
 
         print(ensure_default_model(force=args.force, quiet=args.quiet))
@@ -389,7 +395,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{model_dir} has no report: it is written by `gradprobe fit` (without "
             "--no-report); run fit again to make one"
         )
-    if args.output_dir is None:
+    if args.output_dir is None or args.output_dir.resolve() == report.resolve():
         print(report / "REPORT.md")
         return 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -723,15 +729,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from service.artifacts import default_model_dir, ensure_default_model
+    from service.artifacts import default_classifier_dir, default_classifier_only, default_model_dir
     from service.registry import DEFAULT_MODEL_NAME
     from service.torchserve_archive import ArchiveOptions, build_archive
 
-    # The archive is named after the model dir; the built-in example's dir name is a hash, so
-    # its archive takes the name GradProbe serves it under.
-    default = ensure_default_model(quiet=args.quiet) if args.model_dir is None else None
-    model_dir = args.model_dir or default
-    is_default = default is not None or model_dir.resolve() == default_model_dir().resolve()
+    # The archive holds the classifier only (the detector runs in the sidecar). It is named
+    # after the model dir; the built-in example's dir name is a hash, so its archive takes the
+    # name GradProbe serves it under.
+    model_dir = args.model_dir or default_classifier_only(quiet=args.quiet)
+    builtin = (default_model_dir().resolve(), default_classifier_dir().resolve())
+    is_default = args.model_dir is None or model_dir.resolve() in builtin
     name = args.name or (DEFAULT_MODEL_NAME if is_default else None)
     options = ArchiveOptions(
         mode=args.mode,
@@ -837,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from detectors.fit.data import DataError
     from detectors.fit.fashion_mnist import DatasetMissing
     from detectors.spec import ArtifactError
+    from service.artifacts import FitUnavailable
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -851,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatasetMissing,
         DataError,
         DetectorMismatch,
+        FitUnavailable,
     ) as exc:
         print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -229,8 +229,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
 
 class _FirstModelNamed:
-    """A call's requests, passed on as they come, noting the first model one of them names:
-    the model a streaming call counts under (a unary request names its own)."""
+    """A call's requests, passed on as they come, noting the model the first one names: the
+    model a streaming call counts under (a unary request names its own)."""
 
     def __init__(self, request: Any) -> None:
         self.model = getattr(request, "model", "")
@@ -239,9 +239,10 @@ class _FirstModelNamed:
             self.requests = self._noting(request)
 
     def _noting(self, requests: Iterator[Any]) -> Iterator[Any]:
+        first = True
         for request in requests:
-            if not self.model:
-                self.model = getattr(request, "model", "")
+            if first:
+                self.model, first = getattr(request, "model", ""), False
             yield request
 
 

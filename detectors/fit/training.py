@@ -313,8 +313,10 @@ def fit(classifier: Path, train_data: Path, output: Path, options: FitOptions) -
         manifest = loaded.manifest
         manifest.test_accuracy = round(accuracy, 6)
         origin = origin_manifest(classifier)
-        if origin is not None and origin.recipe:
-            summary["classifier_training"] = origin.recipe.get("classifier_training", origin.recipe)
+        if origin is not None and "classifier_training" in origin.recipe:  # fitted before
+            summary["classifier_training"] = origin.recipe["classifier_training"]
+        elif origin is not None and origin.recipe and "eps" not in origin.recipe:
+            summary["classifier_training"] = origin.recipe  # as `train-model` recorded it
         manifest.recipe = summary
         manifest.write(staging)
         _note(options, f"classifier accuracy on the held-out split: {accuracy:.2%}")

@@ -75,3 +75,33 @@ def test_round_trip_through_json_and_no_guard_without_its_signals(guard) -> None
     only_gradients = NoveltyGuard.fit(["log_grad[rank0][conv]"], vectors[:, :1], probs,
                                       np.zeros(20, int))  # fmt: skip
     assert only_gradients is None
+
+
+def test_each_signal_has_its_own_power(guard) -> None:
+    """Distances count only far in their tail, confidence from lower in it."""
+    from detectors.guard import GUARD_SIGNALS
+
+    own = {name: power for name, _, power in GUARD_SIGNALS}
+    names = [COLUMNS[c] for c in guard.columns]
+    assert guard.powers == [own[n] for n in names]
+    assert own["knn10_cosine_distance"] > own["msp"]
+    # A clean-rank of 0.95 moves u through msp (0.95**2) far more than through KNN (0.95**12).
+    rng = np.random.default_rng(5)
+    base = rows(1, rng)
+    probs = h_probs(np.array([0.99]))
+    knn_tail, msp_tail = base.copy(), base.copy()
+    knn_tail[0, 1] = np.quantile(guard.references[names.index("knn10_cosine_distance")], 0.95)
+    msp_tail[0, 2] = -np.quantile(guard.references[names.index("msp")], 0.95)
+    assert guard.novelty(msp_tail, probs)[0] > guard.novelty(knn_tail, probs)[0] + 0.2
+
+
+def test_a_guard_saved_before_per_signal_powers_uses_one_power(guard) -> None:
+    """Detectors fitted by earlier releases have no ``powers``: every signal takes ``power``."""
+    old = guard.to_dict()
+    del old["powers"]
+    restored = NoveltyGuard.from_dict(old)
+    uniform = NoveltyGuard.from_dict({**guard.to_dict(), "powers": None})
+    rng = np.random.default_rng(6)
+    vectors, probs = rows(30, rng, 0.2), h_probs(rng.uniform(0, 1, 30))
+    np.testing.assert_allclose(restored.novelty(vectors, probs), uniform.novelty(vectors, probs))
+    assert restored.power == 2.0
