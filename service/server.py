@@ -768,8 +768,16 @@ class ReliabilityServer:
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` seconds."""
         grace = self.settings.grace_s if grace is None else grace
-        self.health.enter_graceful_shutdown()
+        # grpc-health sends NOT_SERVING to every open Watch while holding its lock, and a
+        # send to a watcher that stopped reading (or is being cancelled) can block until the
+        # server stops: the shutdown must not wait on a client, so it goes on after a second.
+        announce = threading.Thread(
+            target=self.health.enter_graceful_shutdown, name="gradprobe-health-stop", daemon=True
+        )
+        announce.start()
+        announce.join(timeout=1.0)
         self._server.stop(grace).wait()
+        announce.join(timeout=1.0)
         if self._health_server is not None:
             self._health_server.stop(0).wait()
         self.servicer.close(timeout=grace)
