@@ -183,23 +183,28 @@ def default_model_dir() -> Path:
     return gradprobe_home() / "models" / f"fashion-{key}"
 
 
-def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
-    """The default model dir (classifier, H, report), built first if it is absent (or
-    ``force``): `train-model`, then `fit` (several minutes on a new machine)."""
+def default_model_built() -> bool:
+    """Whether the default model dir holds its detector H (the last thing `fit` writes)."""
     from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
     from detectors.model_dir import DETECTOR_DIR
 
-    try:
-        from detectors.fit.training import fit
-    except ImportError as exc:
-        raise FitUnavailable(
-            f"building the built-in example's detector needs the fitting packages ({exc.name} "
-            "is missing): install them with `pip install 'gradprobe[fit]'` (`make setup` "
-            "does), or pass --model-dir"
-        ) from None
+    return (default_model_dir() / DETECTOR_DIR / DETECTOR_MANIFEST).exists()
+
+
+def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
+    """The default model dir (classifier, H, report), built first if it is absent (or
+    ``force``): `train-model`, then `fit` (several minutes on a new machine)."""
     target = default_model_dir()
     with _build_lock(target):
-        if force or not (target / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
+        if force or not default_model_built():
+            try:
+                from detectors.fit.training import fit
+            except ImportError as exc:
+                raise FitUnavailable(
+                    f"building the built-in example's detector needs the fitting packages "
+                    f"({exc.name} is missing): install them with `pip install 'gradprobe[fit]'` "
+                    "(`make setup` does), or pass --model-dir"
+                ) from None
             classifier_dir = ensure_default_classifier(force=force, quiet=quiet)
             fit(
                 classifier_dir / classifier_module.MODEL_FILE,
@@ -213,14 +218,9 @@ def ensure_default_model(*, force: bool = False, quiet: bool = False) -> Path:
 def default_classifier_only(*, quiet: bool = False) -> Path:
     """For commands that need only the classifier (info, features, archive): the default model
     dir when it is built, else the classifier's own dir (trained if absent), never a fit."""
-    from detectors.detector import MANIFEST_FILE as DETECTOR_MANIFEST
-    from detectors.model_dir import DETECTOR_DIR
-
-    built = default_model_dir()
-    if (built / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
-        return built
-    return ensure_default_classifier(quiet=quiet)
+    return default_model_dir() if default_model_built() else ensure_default_classifier(quiet=quiet)
 
 
 def load_default_classifier(device: str = "cpu", *, quiet: bool = False) -> LoadedClassifier:
-    return classifier_module.load_classifier(ensure_default_model(quiet=quiet), device=device)
+    """The built-in example's classifier (its model dir need not be fitted yet)."""
+    return classifier_module.load_classifier(default_classifier_only(quiet=quiet), device=device)

@@ -66,12 +66,12 @@ def load_assessors(
     if not model_dirs:
         from service import artifacts
 
-        default = artifacts.default_model_dir()
-        if not (default / DETECTOR_DIR / DETECTOR_MANIFEST).exists():
+        if not artifacts.default_model_built():
             raise DetectorMismatch(
                 "the built-in example is not built yet: run `gradprobe demo` (or `gradprobe "
                 "train-model`, then the `gradprobe fit` command it prints; several minutes), "
                 "or serve your own with --model-dir"
             )
+        default = artifacts.default_model_dir()
         return [load_assessor(default, device, name=DEFAULT_MODEL_NAME, quiet=quiet)]
     return [load_assessor(d, device, quiet=quiet) for d in resolve_model_dirs(model_dirs)]
