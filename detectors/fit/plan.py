@@ -2,9 +2,11 @@
 
 ``fit``'s time goes to two kinds of work whose cost depends on the classifier: gradient
 features of every challenge image (one forward pass and the N labels' backward), and the
-attacks (a forward and backward pass per image and step). Both are measured on a few of the
-user's images before anything is built; the recipe's counts are then scaled so that the
-estimate stays within the limit, never below the quick recipe's counts. The chosen factor is
+attacks (a forward and backward pass per image and step; forward passes only for the
+black-box attack), which run only on the images the classifier gets right. The passes and that
+share are measured on a few of the user's images before anything is built; the recipe's counts
+are then scaled so that the estimate stays within the limit, never below the quick recipe's
+counts. The chosen factor is
 stored by content, so an interrupted fit resumes with the same recipe (and the same caches).
 """
 
@@ -32,22 +34,37 @@ _RESERVED = 0.2
 # Attacked images per attack variant, as ``build_split`` draws them.
 _ATTACK_DRAW = (1.4, 8)
 _SCALED_EPS_IMAGES = 96
+# Square stops querying an image once it is fooled. The budgets are scaled so that PGD fools
+# about half at the middle level and Square, a weaker black-box search, fools fewer: counting
+# this share of its queries keeps the estimate on the safe side without charging every image
+# the full query budget (which overestimated a ResNet-18's attacks several times over).
+_SQUARE_QUERYING = 0.7
+_ACCURACY_IMAGES = 512
+_PLAN_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class PassCosts:
-    """Seconds per image on this machine: gradient features, and one forward and backward."""
+    """Seconds per image on this machine (gradient features; one forward and backward; one
+    forward), and the share of images the classifier gets right (the only ones attacked)."""
 
     features_s: float
     gradient_s: float
+    forward_s: float
+    correct_share: float = 1.0
 
 
 def measure_costs(
-    model: torch.nn.Module, images: np.ndarray, batch: int = 16, repeats: int = 3
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    batch: int = 16,
+    repeats: int = 3,
 ) -> PassCosts:
-    """Time the two kinds of pass on up to ``batch`` of ``images`` (after a warm-up), the
+    """Time the three kinds of pass on up to ``batch`` of ``images`` (after a warm-up), the
     fastest of ``repeats``: other work on the machine only ever adds to a timing, and one
-    unlucky sample would shrink the whole recipe."""
+    unlucky sample would shrink the whole recipe. With ``labels``, the classifier's accuracy
+    on a sample of the images is the share that will be attacked."""
     x = torch.from_numpy(np.ascontiguousarray(images[:batch], dtype=np.float32))
     engine = GradientFeatures(model)
 
@@ -55,6 +72,10 @@ def measure_costs(
         probe = x.clone().requires_grad_(True)
         with torch.enable_grad():
             torch.autograd.grad(model(probe).logsumexp(1).sum(), [probe])
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
 
     def fastest(run: Callable[[], object]) -> float:
         run()  # warm-up
@@ -65,36 +86,57 @@ def measure_costs(
             times.append(time.perf_counter() - start)
         return min(times) / len(x)
 
-    return PassCosts(fastest(lambda: engine.signals(x)), fastest(step))
+    correct = 1.0
+    if labels is not None and len(labels):
+        pick = np.random.default_rng(0).permutation(len(images))[:_ACCURACY_IMAGES]
+        with torch.no_grad():
+            predicted = torch.cat(
+                [
+                    model(torch.from_numpy(np.ascontiguousarray(images[i], dtype=np.float32)))
+                    .argmax(1)
+                    for i in np.array_split(np.sort(pick), max(1, len(pick) // 64))
+                ]
+            ).numpy()
+        correct = float((predicted == labels[np.sort(pick)]).mean())
+    return PassCosts(
+        fastest(lambda: engine.signals(x)), fastest(step), fastest(forward), correct
+    )
 
 
-def _attack_passes(name: str) -> float:
-    """Forward-and-backward passes one attacked image costs at one level, at worst."""
+def _attack_passes(name: str) -> tuple[float, float]:
+    """(forward-and-backward, forward-only) passes one attacked image costs at one level."""
     if name == MINIMAL:
-        return 6 * 10 + 6  # masked PGD at up to six budgets (``build_split``)
+        return 6 * 10 + 6, 0.0  # masked PGD at up to six budgets (``build_split``)
     params = ATTACKS[name].params
-    if name == "square":
-        # Forward passes only, but of the few images not fooled yet: small batches cost
-        # about as much per image as a batched forward and backward.
-        return float(params["n_queries"])
-    return float(params.get("steps", 1)) + 1
+    if name == "square":  # logits only, while the image is not fooled yet
+        return 0.0, float(params["n_queries"]) * _SQUARE_QUERYING
+    return float(params.get("steps", 1)) + 1, 0.0
 
 
 @dataclass(frozen=True)
 class Workload:
     feature_images: int
-    gradient_passes: float
+    gradient_passes: float  # on every image (the report's gradient peers)
+    attack_passes: float  # forward and backward, on the images the classifier gets right
+    attack_forwards: float  # forward only, on those images
 
     def seconds(self, costs: PassCosts) -> float:
-        return self.feature_images * costs.features_s + self.gradient_passes * costs.gradient_s
+        attacked = costs.correct_share
+        return (
+            self.feature_images * costs.features_s
+            + (self.gradient_passes + attacked * self.attack_passes) * costs.gradient_s
+            + attacked * self.attack_forwards * costs.forward_s
+        )
 
 
 def workload(recipe: FitRecipe, user_ood_sets: int = 0) -> Workload:
-    """How many images get features and how many gradient passes the attacks take."""
+    """How many images get features, and how many passes the attacks and peers take."""
     ood_sets = len(recipe.ood_sets or GENERIC_OOD_SETS) + user_ood_sets
     variants = len(recipe.corruptions or ALL_CORRUPTIONS) * len(SEVERITIES)
     features = 0
-    passes = len(EPS_GRID) * _SCALED_EPS_IMAGES * (_attack_passes("pgd"))
+    gradient_passes = 0.0
+    attack_passes = len(EPS_GRID) * _SCALED_EPS_IMAGES * _attack_passes("pgd")[0]
+    attack_forwards = 0.0
     for split in SPLITS:
         n = recipe.adversarial_per_variant[split]
         drawn = _ATTACK_DRAW[0] * n + _ATTACK_DRAW[1]
@@ -103,10 +145,11 @@ def workload(recipe: FitRecipe, user_ood_sets: int = 0) -> Workload:
         images += variants * recipe.corrupted_per_variant[split]
         images += n * sum(levels.values())
         features += images
-        passes += drawn * sum(_attack_passes(a) * k for a, k in levels.items())
+        attack_passes += drawn * sum(_attack_passes(a)[0] * k for a, k in levels.items())
+        attack_forwards += drawn * sum(_attack_passes(a)[1] * k for a, k in levels.items())
         if split == "test":  # the report's peers that backpropagate (ODIN, GradNorm)
-            passes += 2 * images
-    return Workload(features, passes)
+            gradient_passes += 2 * images
+    return Workload(features, gradient_passes, attack_passes, attack_forwards)
 
 
 @dataclass(frozen=True)
@@ -150,7 +193,8 @@ def plan(
 def stored_plan(folder: Path, identity: dict, make: Callable[[], Plan]) -> Plan:
     """The plan stored for ``identity`` (classifier, data, recipe, limit), else ``make()``
     stored: timings vary from run to run, and a resumed fit must choose the same recipe."""
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    keyed = {**identity, "plan_format": _PLAN_FORMAT}  # plans of an older format are remade
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     path = folder / f"plan-{key}.json"
     if path.exists():
         stored = json.loads(path.read_text())

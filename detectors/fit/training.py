@@ -367,7 +367,7 @@ def _planned(
 
     def make() -> planning.Plan:
         _note(options, "measuring this classifier's cost per image")
-        costs = planning.measure_costs(loaded.module, train.images)
+        costs = planning.measure_costs(loaded.module, train.images, train.labels)
         return planning.plan(options.recipe, costs, options.time_limit_s, user_ood_sets)
 
     chosen = planning.stored_plan(gradprobe_home() / "fit" / "plans", identity, make)
@@ -375,7 +375,8 @@ def _planned(
     _note(
         options,
         f"per image: {costs.features_s * 1e3:.3g} ms of gradient features, "
-        f"{costs.gradient_s * 1e3:.3g} ms per attack step; challenge data at the requested "
+        f"{costs.gradient_s * 1e3:.3g} ms per attack step, {costs.correct_share:.0%} of the "
+        f"images classified right (attacked); challenge data at the requested "
         f"size: about {chosen.estimate_s / 60:.0f} min",
     )
     if chosen.factor >= 1:
