@@ -88,19 +88,12 @@ def measure_costs(
 
     correct = 1.0
     if labels is not None and len(labels):
-        pick = np.random.default_rng(0).permutation(len(images))[:_ACCURACY_IMAGES]
+        pick = np.sort(np.random.default_rng(0).permutation(len(images))[:_ACCURACY_IMAGES])
+        sample = torch.from_numpy(np.ascontiguousarray(images[pick], dtype=np.float32))
         with torch.no_grad():
-            predicted = torch.cat(
-                [
-                    model(torch.from_numpy(np.ascontiguousarray(images[i], dtype=np.float32)))
-                    .argmax(1)
-                    for i in np.array_split(np.sort(pick), max(1, len(pick) // 64))
-                ]
-            ).numpy()
-        correct = float((predicted == labels[np.sort(pick)]).mean())
-    return PassCosts(
-        fastest(lambda: engine.signals(x)), fastest(step), fastest(forward), correct
-    )
+            predicted = torch.cat([model(chunk).argmax(1) for chunk in sample.split(64)])
+        correct = float((predicted.numpy() == labels[pick]).mean())
+    return PassCosts(fastest(lambda: engine.signals(x)), fastest(step), fastest(forward), correct)
 
 
 def _attack_passes(name: str) -> tuple[float, float]:
