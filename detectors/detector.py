@@ -26,7 +26,9 @@ VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
 ONNX_FILE = "detector.onnx"
 FEATURIZER_FILE = "featurizer.npz"
 MANIFEST_FILE = "detector.json"
-FORMAT = "gradprobe.detector.v1"
+FORMAT = "gradprobe.detector.v2"
+# Formats this release reads: v1 had one guard power for every signal, v2 one per signal.
+READABLE_FORMATS = ("gradprobe.detector.v1", FORMAT)
 
 
 class DetectorMismatch(RuntimeError):
@@ -235,7 +237,15 @@ class OnnxDetector:
                 "make one with `gradprobe fit --classifier FILE --train-data DIR --output "
                 "MODEL_DIR`"
             )
-        self.manifest = DetectorManifest(**json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        found = values.get("format") if isinstance(values, dict) else None
+        if found not in READABLE_FORMATS:
+            raise DetectorMismatch(
+                f"{path} has format {found!r}; this release reads {', '.join(READABLE_FORMATS)}: "
+                "a detector written by a newer GradProbe needs that release (upgrade gradprobe), "
+                "or refit it with this one (`gradprobe fit`)"
+            )
+        self.manifest = DetectorManifest(**values)
         if self.manifest.classifier_sha256 != classifier_sha256:
             raise DetectorMismatch(
                 f"the detector in {folder} was trained for the classifier with sha256 "

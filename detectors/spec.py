@@ -15,6 +15,9 @@ MANIFEST_FILE = "manifest.json"
 FORMATS = ("torch.export", "torchscript")
 # Model files by format, as `gradprobe fit` names them inside a model dir.
 MODEL_FILES = {"torch.export": "classifier.pt2", "torchscript": "classifier.pt"}
+# The manifest's layout. A release reads every version up to its own and refuses a newer one
+# by name (instead of failing on a field it does not know).
+MANIFEST_VERSION = 1
 # The smallest image side the challenge data (corruptions, OOD sets) and image statistics
 # are made for.
 MIN_SIDE = 8
@@ -49,6 +52,7 @@ class Manifest:
     torch_version: str = ""
     normalization: dict[str, list[float]] | None = None
     resize: bool = False
+    manifest_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -65,8 +69,18 @@ class Manifest:
                 "`gradprobe fit --classifier FILE --train-data DIR --output MODEL_DIR`"
             )
         try:
-            manifest = cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
+        version = values.get("manifest_version", 1) if isinstance(values, dict) else None
+        if isinstance(version, int) and version > MANIFEST_VERSION:
+            raise ArtifactError(
+                f"{path} has manifest version {version}, written by a newer GradProbe; this "
+                f"release reads versions up to {MANIFEST_VERSION}: upgrade gradprobe to serve it"
+            )
+        try:
+            manifest = cls(**values)
+        except TypeError as exc:
             raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
         if manifest.format not in FORMATS:
             raise ArtifactError(

@@ -75,6 +75,22 @@ def test_altered_files_are_refused(trained, tmp_path) -> None:
     assert manifest["classifier_sha256"] == CLASSIFIER_SHA
 
 
+def test_a_detector_of_an_older_format_is_read_and_a_newer_one_refused_by_name(
+    trained, tmp_path
+) -> None:
+    detector.export(
+        trained, tmp_path, classifier_sha256=CLASSIFIER_SHA, training_data={}, metrics={}
+    )
+    path = tmp_path / detector.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    assert manifest["format"] == detector.FORMAT
+    path.write_text(json.dumps({**manifest, "format": "gradprobe.detector.v1"}))
+    assert OnnxDetector(tmp_path, CLASSIFIER_SHA).manifest.format == "gradprobe.detector.v1"
+    path.write_text(json.dumps({**manifest, "format": "gradprobe.detector.v9", "new": 1}))
+    with pytest.raises(DetectorMismatch, match=r"'gradprobe\.detector\.v9'.*upgrade gradprobe"):
+        OnnxDetector(tmp_path, CLASSIFIER_SHA)
+
+
 def test_not_a_detector_folder(tmp_path) -> None:
     with pytest.raises(DetectorMismatch, match="gradprobe fit --classifier"):
         OnnxDetector(tmp_path, CLASSIFIER_SHA)

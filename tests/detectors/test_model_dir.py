@@ -39,6 +39,9 @@ def test_a_model_dir_loads_and_describes_its_input(tmp_path) -> None:
         ({"classes": ["a", "b"]}, r"logits \(2, 2\)"),
         ({"format": "onnx"}, "format 'onnx'"),
         ({"input_shape": [2, 20, 24]}, "1 or 3 channels"),
+        # A newer release's manifest is named as such, not misread field by field.
+        ({"manifest_version": 99, "new_field": 1}, "manifest version 99, written by a newer"),
+        ({"new_field": 1}, "not a valid manifest"),
     ],
 )
 def test_a_model_dir_that_is_not_what_it_claims_is_refused(tmp_path, overrides, message) -> None:
