@@ -30,6 +30,7 @@ GROUPS = (
     "gradient_summary",
     "image_relative",
     "margin",
+    "image_layout",
 )
 # The signals that need no images (the featurizer's default).
 BASIC_GROUPS = ("gradients", "logits", "knn", "mahalanobis")
@@ -44,6 +45,17 @@ PORTABLE_GROUPS = (
     "image_relative",
 )
 EPS = 1e-30
+LAYOUT_COLUMNS = (
+    "layout_log_mean_z2",
+    "layout_log_max_z",
+    "layout_detail_log_mean_z2",
+    "layout_detail_log_max_z",
+)
+# Cells per side of the layout maps (fewer for smaller images), and the smallest spread a cell
+# is measured against: a cell that is the same in every clean image (a flat background) makes
+# any change there stand out, but not infinitely.
+_LAYOUT_CELLS = 8
+_LAYOUT_MIN_STD = 0.01
 RELATIVE_IMAGE_COLUMNS = (
     "rel_mean",
     "rel_std",
@@ -122,6 +134,30 @@ def _portable_statistics(images: np.ndarray) -> np.ndarray:
     )
 
 
+def layout_maps(images: np.ndarray) -> np.ndarray:
+    """(B, 2, C, G, G) float64: each image's mean brightness and mean local detail (absolute
+    differences to the right and below) per cell of a G×G grid, G = min(8, H, W). Where the
+    user's clean images put their light and their detail: ``image_layout`` compares an image's
+    maps cell by cell with theirs."""
+    x = np.asarray(images, dtype=np.float64)
+    h, w = x.shape[2:]
+    detail = np.zeros_like(x)
+    detail[..., :, :-1] += np.abs(np.diff(x, axis=3))
+    detail[..., :-1, :] += np.abs(np.diff(x, axis=2))
+    cells = min(_LAYOUT_CELLS, h, w)
+    rows = np.linspace(0, h, cells + 1).round().astype(int)
+    cols = np.linspace(0, w, cells + 1).round().astype(int)
+
+    def pooled(values: np.ndarray) -> np.ndarray:
+        # Sums over row bands, then column bands: any size, cells of nearly equal area.
+        bands = np.add.reduceat(values, rows[:-1], axis=2)
+        summed = np.add.reduceat(bands, cols[:-1], axis=3)
+        area = np.outer(np.diff(rows), np.diff(cols))
+        return summed / area
+
+    return np.stack([pooled(x), pooled(detail)], axis=1)
+
+
 @dataclass
 class SignalFeaturizer:
     """Fitted state for the distance signals; ``fit`` on clean training embeddings first."""
@@ -139,6 +175,8 @@ class SignalFeaturizer:
     image_mean: np.ndarray | None = None
     image_std: np.ndarray | None = None
     image_precision: np.ndarray | None = None
+    layout_mean: np.ndarray | None = None  # (2, C, G, G) over the clean training images
+    layout_std: np.ndarray | None = None
 
     def fit(
         self,
@@ -169,6 +207,14 @@ class SignalFeaturizer:
             if images is None:
                 raise ValueError("image_relative needs the clean training images: pass images")
             self._fit_image_reference(images)
+        if "image_layout" in self.groups:
+            if images is None:
+                raise ValueError("image_layout needs the clean training images: pass images")
+            maps = np.concatenate(
+                [layout_maps(images[i : i + 512]) for i in range(0, len(images), 512)]
+            )
+            self.layout_mean = maps.mean(0)
+            self.layout_std = np.maximum(maps.std(0), _LAYOUT_MIN_STD)
         return self
 
     def _fit_image_reference(self, images: np.ndarray) -> None:
@@ -190,6 +236,23 @@ class SignalFeaturizer:
         distance = ((z @ self.image_precision) * z).sum(1)
         return np.column_stack([z, np.log(distance + 1e-6)])
 
+    def layout_columns(self, images: np.ndarray) -> np.ndarray:
+        """How far each image's brightness and detail maps lie from the clean images', cell
+        by cell (z-scores): log of the mean square and of the largest, per map. A smudge, a
+        snowflake or a patch moves a few cells far; exposure or haze moves all a little."""
+        if self.layout_mean is None or self.layout_std is None:
+            raise RuntimeError("this featurizer was fitted without clean images")
+        z = (layout_maps(images) - self.layout_mean) / self.layout_std
+        z2 = (z**2).reshape(len(z), 2, -1)
+        return np.column_stack(
+            [
+                np.log(z2[:, 0].mean(1) + 1e-6),
+                0.5 * np.log(z2[:, 0].max(1) + 1e-6),
+                np.log(z2[:, 1].mean(1) + 1e-6),
+                0.5 * np.log(z2[:, 1].max(1) + 1e-6),
+            ]
+        )
+
     def column_names(self, n_classes: int, layers: list[str]) -> list[str]:
         names: list[str] = []
         if "gradients" in self.groups:
@@ -207,6 +270,8 @@ class SignalFeaturizer:
             names += ["mahalanobis_min"]
         if "image_relative" in self.groups:
             names += [*RELATIVE_IMAGE_COLUMNS, "rel_image_distance"]
+        if "image_layout" in self.groups:
+            names += list(LAYOUT_COLUMNS)
         return names
 
     def transform(
@@ -257,6 +322,10 @@ class SignalFeaturizer:
             if images is None or len(images) != len(features):
                 raise ValueError("this featurizer measures the images: pass one per row")
             columns.append(self.relative_image_columns(images))
+        if "image_layout" in self.groups:
+            if images is None or len(images) != len(features):
+                raise ValueError("this featurizer measures the images: pass one per row")
+            columns.append(self.layout_columns(images))
         return np.concatenate(columns, axis=1).astype(np.float32)
 
     def _ranks(self, n_classes: int) -> int:
@@ -282,7 +351,13 @@ class SignalFeaturizer:
             max_ranks=np.array(-1 if self.max_ranks is None else self.max_ranks),
             **{
                 name: getattr(self, name)
-                for name in ("image_mean", "image_std", "image_precision")
+                for name in (
+                    "image_mean",
+                    "image_std",
+                    "image_precision",
+                    "layout_mean",
+                    "layout_std",
+                )
                 if getattr(self, name) is not None
             },
         )
@@ -307,6 +382,8 @@ class SignalFeaturizer:
                 image_mean=data.get("image_mean", None),
                 image_std=data.get("image_std", None),
                 image_precision=data.get("image_precision", None),
+                layout_mean=data.get("layout_mean", None),
+                layout_std=data.get("layout_std", None),
             )
 
     def _check_fitted(self) -> None:

@@ -8,8 +8,10 @@ import pytest
 from detectors.signals import (
     BASIC_GROUPS,
     GROUPS,
+    LAYOUT_COLUMNS,
     RELATIVE_IMAGE_COLUMNS,
     SignalFeaturizer,
+    layout_maps,
     portable_image_statistics,
 )
 
@@ -174,3 +176,64 @@ def test_portable_image_statistics_hold_for_any_shape_and_chunk() -> None:
     brighter = portable_image_statistics(np.clip(rgb * 0.5 + 0.5, 0, 1))
     mean = RELATIVE_IMAGE_COLUMNS.index("rel_mean")
     assert (brighter[:, mean] > stats[:, mean]).all()
+
+
+def test_layout_maps_pool_any_size_into_cells() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((5, 3, 20, 27))
+    maps = layout_maps(images)
+    assert maps.shape == (5, 2, 3, 8, 8)
+    # The brightness map's cells average the image (cells of nearly equal area).
+    np.testing.assert_allclose(maps[:, 0].mean((2, 3)), images.mean((2, 3)), rtol=0.05)
+    flat = layout_maps(np.full((2, 1, 9, 9), 0.3))
+    assert flat.shape == (2, 2, 1, 8, 8)
+    np.testing.assert_allclose(flat[:, 0], 0.3)
+    np.testing.assert_allclose(flat[:, 1], 0.0, atol=1e-12)  # no detail in a flat image
+
+
+def _objects_on_a_background(rng, n: int, background: float) -> np.ndarray:
+    """A bright or dark flat background with a textured object in the middle."""
+    images = np.full((n, 3, 32, 32), background)
+    images[:, :, 8:24, 8:24] = rng.random((n, 3, 16, 16))
+    return images
+
+
+@pytest.mark.parametrize("background", [0.0, 0.85])
+def test_layout_flags_a_local_smudge_whatever_the_background(background) -> None:
+    rng = np.random.default_rng(1)
+    clean = _objects_on_a_background(rng, 200, background)
+    featurizer = SignalFeaturizer(groups=("image_layout",)).fit(
+        np.zeros((200, 2)), np.zeros(200), images=clean
+    )
+
+    def columns(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        return featurizer.transform(np.ones((n, 2, 1)), np.zeros((n, 2)), np.zeros((n, 2)), images)
+
+    assert featurizer.column_names(2, ["conv"]) == list(LAYOUT_COLUMNS)
+    new_clean = columns(_objects_on_a_background(rng, 50, background))
+    smudged = _objects_on_a_background(rng, 50, background)
+    smudged[:, :, 0:6, 0:6] = 0.5  # a grey blot in a corner the clean images never touch
+    flagged = columns(smudged)
+    largest = LAYOUT_COLUMNS.index("layout_log_max_z")
+    assert flagged[:, largest].min() > new_clean[:, largest].max()
+    assert np.isfinite(new_clean).all() and np.isfinite(flagged).all()
+
+
+def test_a_featurizer_saved_before_the_layout_group_loads_and_keeps_its_columns(
+    fitted, tmp_path
+) -> None:
+    fitted.save(tmp_path / "f.npz")
+    with np.load(tmp_path / "f.npz") as data:
+        assert "layout_mean" not in data  # nothing written for a group it does not use
+    loaded = SignalFeaturizer.load(tmp_path / "f.npz")
+    assert loaded.layout_mean is None and "image_layout" not in loaded.groups
+    rng = np.random.default_rng(2)
+    with_layout = SignalFeaturizer(groups=("image_layout",)).fit(
+        np.zeros((20, 2)), np.zeros(20), images=rng.random((20, 1, 28, 28))
+    )
+    with_layout.save(tmp_path / "g.npz")
+    again = SignalFeaturizer.load(tmp_path / "g.npz")
+    images = rng.random((3, 1, 28, 28))
+    args = (np.ones((3, 2, 1)), np.zeros((3, 2)), np.zeros((3, 2)), images)
+    np.testing.assert_array_equal(with_layout.transform(*args), again.transform(*args))
