@@ -8,8 +8,9 @@ anyway: maximum softmax, energy (log-sum-exp of the logits), the top-two logit m
 distance to the k-th nearest training embedding (KNN) and the class-conditional Mahalanobis
 distance. Image statistics enter only relative to the user's clean training images
 (``image_relative``): ``portable_image_statistics`` (brightness and its spread, clipping,
-sharpness, noise, colour, JPEG blockiness) z-scored against theirs, so nothing assumes a
-background colour, a size or a channel count.
+sharpness, noise, colour, JPEG blockiness) z-scored against theirs, and (``image_layout``)
+where the image puts its light and detail, cell by cell, against where theirs do; so nothing
+assumes a background colour, a size or a channel count.
 Which groups are used is part of the detector's manifest; the evaluation measures what each
 adds.
 """
@@ -43,6 +44,7 @@ PORTABLE_GROUPS = (
     "knn",
     "mahalanobis",
     "image_relative",
+    "image_layout",
 )
 EPS = 1e-30
 LAYOUT_COLUMNS = (

@@ -32,9 +32,12 @@ PORTABLE_ABLATION = [
         "gradients + logits + knn + mahalanobis",
         ("gradients", "gradient_summary", "logits", "margin", "knn", "mahalanobis"),
     ),
-    ("all (+ relative image statistics) = H", PORTABLE_GROUPS),
-    ("gradients + relative image statistics", ("gradients", "gradient_summary", "image_relative")),
-    ("relative image statistics only", ("image_relative",)),
+    ("all (+ relative image statistics and layout) = H", PORTABLE_GROUPS),
+    (
+        "gradients + relative image statistics and layout",
+        ("gradients", "gradient_summary", "image_relative", "image_layout"),
+    ),
+    ("relative image statistics and layout only", ("image_relative", "image_layout")),
     (
         "peers' signals only (logits, margin, knn, mahalanobis)",
         ("logits", "margin", "knn", "mahalanobis"),
