@@ -27,7 +27,8 @@ ONNX_FILE = "detector.onnx"
 FEATURIZER_FILE = "featurizer.npz"
 MANIFEST_FILE = "detector.json"
 FORMAT = "gradprobe.detector.v2"
-# Formats this release reads: v1 had one guard power for every signal, v2 one per signal.
+# Formats this release reads. v2 marks detectors whose featurizer may use the image layout
+# group, which releases reading only v1 cannot compute.
 READABLE_FORMATS = ("gradprobe.detector.v1", FORMAT)
 
 
@@ -241,9 +242,9 @@ class OnnxDetector:
         found = values.get("format") if isinstance(values, dict) else None
         if found not in READABLE_FORMATS:
             raise DetectorMismatch(
-                f"{path} has format {found!r}; this release reads {', '.join(READABLE_FORMATS)}: "
-                "a detector written by a newer GradProbe needs that release (upgrade gradprobe), "
-                "or refit it with this one (`gradprobe fit`)"
+                f"{path} has an unknown or missing format {found!r}; this release reads "
+                f"{', '.join(READABLE_FORMATS)}: a detector written by a newer GradProbe needs "
+                "that release (upgrade gradprobe), or refit it with this one (`gradprobe fit`)"
             )
         self.manifest = DetectorManifest(**values)
         if self.manifest.classifier_sha256 != classifier_sha256:

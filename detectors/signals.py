@@ -141,6 +141,15 @@ def layout_maps(images: np.ndarray) -> np.ndarray:
     differences to the right and below) per cell of a G×G grid, G = min(8, H, W). Where the
     user's clean images put their light and their detail: ``image_layout`` compares an image's
     maps cell by cell with theirs."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {images.shape}")
+    # In chunks, as the statistics: float64 copies of a 224 px split would take gigabytes.
+    step = max(1, _STATISTICS_CHUNK_VALUES // max(1, images[0].size))
+    return np.concatenate([_layout_maps(images[i : i + step]) for i in range(0, len(images), step)])
+
+
+def _layout_maps(images: np.ndarray) -> np.ndarray:
     x = np.asarray(images, dtype=np.float64)
     h, w = x.shape[2:]
     detail = np.zeros_like(x)
@@ -212,9 +221,7 @@ class SignalFeaturizer:
         if "image_layout" in self.groups:
             if images is None:
                 raise ValueError("image_layout needs the clean training images: pass images")
-            maps = np.concatenate(
-                [layout_maps(images[i : i + 512]) for i in range(0, len(images), 512)]
-            )
+            maps = layout_maps(images)
             self.layout_mean = maps.mean(0)
             self.layout_std = np.maximum(maps.std(0), _LAYOUT_MIN_STD)
         return self

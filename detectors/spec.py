@@ -55,7 +55,10 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        values = asdict(self)
+        if values["manifest_version"] == 1:  # as releases before the field wrote it: they can
+            del values["manifest_version"]  # still serve a model dir whose layout is the same
+        return json.dumps(values, indent=2) + "\n"
 
     def write(self, model_dir: Path) -> None:
         (Path(model_dir) / MANIFEST_FILE).write_text(self.to_json())

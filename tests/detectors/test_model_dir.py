@@ -57,3 +57,12 @@ def test_specs_refuse_what_gradprobe_cannot_serve() -> None:
         ModelSpec((3, 8, 8), ("a", "b"), mean=(0.5, 0.5, 0.5))
     with pytest.raises(ArtifactError, match=r"no manifest\.json"):
         Manifest.read(Path("/nonexistent"))
+
+
+def test_a_version_1_manifest_is_written_as_earlier_releases_read_it(tmp_path) -> None:
+    write_model_dir(tmp_path / "m")
+    manifest = Manifest.read(tmp_path / "m")
+    assert manifest.manifest_version == 1
+    assert "manifest_version" not in json.loads(manifest.to_json())
+    manifest.manifest_version = 2
+    assert json.loads(manifest.to_json())["manifest_version"] == 2
