@@ -26,10 +26,10 @@ VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
 ONNX_FILE = "detector.onnx"
 FEATURIZER_FILE = "featurizer.npz"
 MANIFEST_FILE = "detector.json"
-FORMAT = "gradprobe.detector.v2"
-# Formats this release reads. v2 marks detectors whose featurizer may use the image layout
-# group, which releases reading only v1 cannot compute.
-READABLE_FORMATS = ("gradprobe.detector.v1", FORMAT)
+FORMAT = "gradprobe.detector.v3"
+# Formats this release reads. Each marks signals the releases before it cannot compute: v2 the
+# image layout group, v3 the stability group (which needs the squeezed views' logits).
+READABLE_FORMATS = ("gradprobe.detector.v1", "gradprobe.detector.v2", FORMAT)
 
 
 class DetectorMismatch(RuntimeError):
@@ -278,6 +278,11 @@ class OnnxDetector:
         self.sha256 = self.manifest.onnx_sha256
         guard = self.manifest.guard
         self.guard = None if guard is None else NoveltyGuard.from_dict(guard)
+
+    @property
+    def needs_squeezed_logits(self) -> bool:
+        """Whether the signals must come from ``GradientFeatures(model, squeeze=True)``."""
+        return self.featurizer.needs_squeezed_logits
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
         _, probs = self.session.run(None, {self._input: vectors.astype(np.float32)})

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from detectors import stability
 from detectors.layer_norms import LayerNormFn, norm_fn_for, pooled_conv2d_sq_norms
 from detectors.traced_backward import PooledDelta, TracedBackward, Unsupported
 
@@ -53,12 +54,15 @@ def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @dataclass
 class GradientSignals:
     """One pass's outputs: features (B, N|1, L), logits (B, N), embeddings (B, D) (the input
-    of the last parameterized layer), and wall time per stage in milliseconds."""
+    of the last parameterized layer), wall time per stage in milliseconds and, from an engine
+    built with ``squeeze=True``, the logits of the squeezed views (B, K, N)
+    (``detectors.stability``)."""
 
     features: Tensor
     logits: Tensor
     embeddings: Tensor
     timings_ms: dict[str, float]
+    squeezed_logits: Tensor | None = None
 
 
 @dataclass
@@ -102,6 +106,7 @@ class GradientFeatures:
         max_batch: int | None = None,
         memory_budget_mb: float = 256.0,
         traced: bool = True,
+        squeeze: bool = False,
     ) -> None:
         if labels not in ("onehot", "confounding"):
             raise ValueError(f"labels must be 'onehot' or 'confounding', got {labels!r}")
@@ -109,6 +114,7 @@ class GradientFeatures:
         self.labels = labels
         self.max_batch = max_batch
         self.memory_budget_mb = memory_budget_mb
+        self.squeeze = squeeze
         # Per input shape: (bytes of output gradients per label and sample, labels).
         self._chunk_for_shape: dict[tuple[int, ...], tuple[int, int]] = {}
         self._label_slice: slice | None = None  # the label block of the pass under way
@@ -148,11 +154,21 @@ class GradientFeatures:
                 self._compute_blocks(x[i : i + step], timings, block, n_labels)
                 for i in range(0, x.shape[0], step)
             ]
+            squeezed = None
+            if self.squeeze:
+                start = time.perf_counter()
+                squeezed = torch.cat(
+                    [
+                        stability.squeezed_logits(self.model, x[i : i + step]).detach()
+                        for i in range(0, x.shape[0], step)
+                    ]
+                )
+                timings["squeeze"] = (time.perf_counter() - start) * 1000
         if len(parts) == 1:
             features, logits, embeddings = parts[0]
         else:
             features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
-        return GradientSignals(features.float().contiguous(), logits, embeddings, timings)
+        return GradientSignals(features.float().contiguous(), logits, embeddings, timings, squeezed)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, list[_Capture]]:
         """Forward with every layer's input and output recorded, intact for the backward."""

@@ -4,8 +4,8 @@ A discriminative H learns what its training kinds have in common; a kind unlike 
 land where H saw nothing and be called clean. The guard makes P(in_distribution) answer to
 evidence that needs no challenge data as well: a few one-class signals (KNN and Mahalanobis
 distances, energy, max softmax, the top-two logit margin, the image statistics' distance from
-the clean images) and H's own novelty are each turned into a rank among the validation split's
-clean images, combined as
+the clean images, how far the softmax moves when the image is squeezed) and H's own novelty
+are each turned into a rank among the validation split's clean images, combined as
 
     u = max(rank_H, max_j rank_j ** power_j)
 
@@ -35,6 +35,9 @@ GUARD_SIGNALS = (
     ("msp", -1.0, 2.0),
     ("logit_margin", -1.0, 2.0),
     ("rel_image_distance", 1.0, 12.0),
+    # Feature squeezing: a perturbation tuned to cross a boundary is undone by a pixel-scale
+    # smoothing, whatever attack made it; counted from lower in the tail than the distances.
+    ("squeeze_l1_max", 1.0, 4.0),
 )
 # Near the top r**p ≈ 1 - p (1 - r): a signal moves u only where its tail is about p times
 # rarer than H's, a correction for looking at several signals. Chosen by leave-one-kind-out

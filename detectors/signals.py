@@ -10,7 +10,9 @@ distance. Image statistics enter only relative to the user's clean training imag
 (``image_relative``): ``portable_image_statistics`` (brightness and its spread, clipping,
 sharpness, noise, colour, JPEG blockiness) z-scored against theirs, and (``image_layout``)
 where the image puts its light and detail, cell by cell, against where theirs do; so nothing
-assumes a background colour, a size or a channel count.
+assumes a background colour, a size or a channel count. ``stability``: how far the softmax moves
+when the image is squeezed by a pixel-scale blur or median (``detectors.stability``), the trace
+of perturbations tuned to cross a decision boundary.
 Which groups are used is part of the detector's manifest; the evaluation measures what each
 adds.
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detectors.stability import STABILITY_COLUMNS, stability_columns
+
 GROUPS = (
     "gradients",
     "logits",
@@ -32,6 +36,7 @@ GROUPS = (
     "image_relative",
     "margin",
     "image_layout",
+    "stability",
 )
 # The signals that need no images (the featurizer's default).
 BASIC_GROUPS = ("gradients", "logits", "knn", "mahalanobis")
@@ -45,6 +50,7 @@ PORTABLE_GROUPS = (
     "mahalanobis",
     "image_relative",
     "image_layout",
+    "stability",
 )
 EPS = 1e-30
 LAYOUT_COLUMNS = (
@@ -281,6 +287,8 @@ class SignalFeaturizer:
             names += [*RELATIVE_IMAGE_COLUMNS, "rel_image_distance"]
         if "image_layout" in self.groups:
             names += list(LAYOUT_COLUMNS)
+        if "stability" in self.groups:
+            names += list(STABILITY_COLUMNS)
         return names
 
     def transform(
@@ -289,9 +297,11 @@ class SignalFeaturizer:
         logits: np.ndarray,
         embeddings: np.ndarray,
         images: np.ndarray | None = None,
+        squeezed_logits: np.ndarray | None = None,
     ) -> np.ndarray:
         """(B, d) float32 from features (B, N, L), logits (B, N), embeddings (B, D) and, for
-        the ``image_relative`` group, the images (B, C, H, W) the signals were computed from."""
+        the image groups, the images (B, C, H, W) the signals were computed from; for the
+        ``stability`` group, the logits of their squeezed views (B, K, N)."""
         columns = []
         log_grad = np.log(features.astype(np.float64) + EPS)
         if "gradients" in self.groups:
@@ -335,18 +345,35 @@ class SignalFeaturizer:
             if images is None or len(images) != len(features):
                 raise ValueError("this featurizer measures the images: pass one per row")
             columns.append(self.layout_columns(images))
+        if "stability" in self.groups:
+            if squeezed_logits is None or len(squeezed_logits) != len(features):
+                raise ValueError(
+                    "this featurizer uses the stability signals: compute the signals with "
+                    "GradientFeatures(model, squeeze=True)"
+                )
+            columns.append(stability_columns(logits, squeezed_logits))
         return np.concatenate(columns, axis=1).astype(np.float32)
+
+    @property
+    def needs_squeezed_logits(self) -> bool:
+        """Whether ``transform`` needs the squeezed views' logits (the stability group)."""
+        return "stability" in self.groups
 
     def _ranks(self, n_classes: int) -> int:
         return n_classes if self.max_ranks is None else min(n_classes, self.max_ranks)
 
     def transform_signals(self, signals: object, images: np.ndarray | None = None) -> np.ndarray:
         """From ``GradientSignals`` (tensors) directly, and the images they were computed from."""
-        as_np = {
-            k: getattr(signals, k).detach().cpu().numpy()
-            for k in ("features", "logits", "embeddings")
-        }
-        return self.transform(as_np["features"], as_np["logits"], as_np["embeddings"], images)
+        names = ("features", "logits", "embeddings", "squeezed_logits")
+        tensors = {k: getattr(signals, k, None) for k in names}
+        as_np = {k: None if t is None else t.detach().cpu().numpy() for k, t in tensors.items()}
+        return self.transform(
+            as_np["features"],
+            as_np["logits"],
+            as_np["embeddings"],
+            images,
+            as_np["squeezed_logits"],
+        )
 
     def save(self, path: Path) -> None:
         self._check_fitted()

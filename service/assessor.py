@@ -27,6 +27,8 @@ class Detector(Protocol):
 
     version: str
     sha256: str
+    # Whether its signals include the squeezed views' logits (``detectors.stability``).
+    needs_squeezed_logits: bool
 
     def predict_proba(self, signals: GradientSignals, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (B, 4), columns in ``VERDICTS`` order, from the signals
@@ -75,7 +77,7 @@ class Assessor:
         self.detector = detector
         self.device = device
         self.module = classifier.module.to(device)
-        self.engine = GradientFeatures(self.module)
+        self.engine = GradientFeatures(self.module, squeeze=detector.needs_squeezed_logits)
 
     @property
     def classes(self) -> list[str]:

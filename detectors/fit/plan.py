@@ -67,7 +67,7 @@ def measure_costs(
     unlucky sample would shrink the whole recipe. With ``labels``, the classifier's accuracy
     on a sample of the images is the share that will be attacked."""
     x = torch.from_numpy(np.ascontiguousarray(images[:batch], dtype=np.float32))
-    engine = GradientFeatures(model)
+    engine = GradientFeatures(model, squeeze=True)  # as the fit computes them
 
     def step() -> None:
         probe = x.clone().requires_grad_(True)

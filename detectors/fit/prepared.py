@@ -25,6 +25,7 @@ class SplitSignals:
     features: np.ndarray  # (n, N, L)
     logits: np.ndarray  # (n, N)
     embeddings: np.ndarray  # (n, D)
+    squeezed_logits: np.ndarray  # (n, K, N): the squeezed views' (``detectors.stability``)
 
 
 def split_signals(
@@ -39,8 +40,8 @@ def split_signals(
 
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as stored:
-            return SplitSignals(stored["features"], stored["logits"], stored["embeddings"])
-    engine = gradients.GradientFeatures(model)
+            return SplitSignals(*(stored[name] for name in SplitSignals.__dataclass_fields__))
+    engine = gradients.GradientFeatures(model, squeeze=True)
     parts = []
     for start in tqdm(
         range(0, len(data), batch),
@@ -50,7 +51,10 @@ def split_signals(
         file=sys.stderr,
     ):
         s = engine.signals(torch.from_numpy(data.images[start : start + batch]))
-        parts.append((s.features.numpy(), s.logits.numpy(), s.embeddings.numpy()))
+        assert s.squeezed_logits is not None  # an engine built with squeeze=True
+        parts.append(
+            (s.features.numpy(), s.logits.numpy(), s.embeddings.numpy(), s.squeezed_logits.numpy())
+        )
     result = SplitSignals(*(np.concatenate(p) for p in zip(*parts, strict=True)))
     if cache is not None:
         tmp = cache.with_suffix(".tmp.npz")
@@ -68,4 +72,6 @@ class PreparedData:
 
 def vectors(featurizer: SignalFeaturizer, signals: SplitSignals, images: np.ndarray) -> np.ndarray:
     """H's input rows for a split: its signals and the images they came from."""
-    return featurizer.transform(signals.features, signals.logits, signals.embeddings, images)
+    return featurizer.transform(
+        signals.features, signals.logits, signals.embeddings, images, signals.squeezed_logits
+    )

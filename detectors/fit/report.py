@@ -32,7 +32,11 @@ PORTABLE_ABLATION = [
         "gradients + logits + knn + mahalanobis",
         ("gradients", "gradient_summary", "logits", "margin", "knn", "mahalanobis"),
     ),
-    ("all (+ relative image statistics and layout) = H", PORTABLE_GROUPS),
+    (
+        "all but stability (+ relative image statistics and layout)",
+        tuple(g for g in PORTABLE_GROUPS if g != "stability"),
+    ),
+    ("all (+ stability under squeezing) = H", PORTABLE_GROUPS),
     (
         "gradients + relative image statistics and layout",
         ("gradients", "gradient_summary", "image_relative", "image_layout"),

@@ -247,9 +247,9 @@ def prepare_data(
 
 
 def _engine_files() -> list[Path]:
-    from detectors import gradients, layer_norms, traced_backward
+    from detectors import gradients, layer_norms, stability, traced_backward
 
-    return [Path(m.__file__) for m in (gradients, layer_norms, traced_backward)]
+    return [Path(m.__file__) for m in (gradients, layer_norms, stability, traced_backward)]
 
 
 def _ood_share(images: np.ndarray, split: str, seed: int) -> np.ndarray:
@@ -480,9 +480,12 @@ def user_intro(manifest: Manifest) -> str:
         "colour, JPEG blocks) only as "
         "z-scores against the user's clean training images, with their distance from them, "
         "and where the image puts its brightness and detail on an 8×8 grid, cell by cell "
-        "against where the clean images put theirs: nothing assumes a background, a size or "
+        "against where the clean images put theirs; and how far the softmax moves when the "
+        "image is squeezed by a half-pixel blur or a 2×2 median (feature squeezing, "
+        "`detectors/stability.py`): nothing assumes a background, a size or "
         "a class count. P(in_distribution) also "
         "answers to the novelty guard (`detectors/guard.py`): an image far into the clean "
         "images' tails on any one-class signal (KNN, Mahalanobis, energy, max softmax, top-two "
-        "logit margin, image distance) is not called clean, whatever the kinds H was trained on."
+        "logit margin, image distance, squeezing) is not called clean, whatever the kinds H "
+        "was trained on."
     )

@@ -84,8 +84,9 @@ def test_a_detector_of_an_older_format_is_read_and_a_newer_one_refused_by_name(
     path = tmp_path / detector.MANIFEST_FILE
     manifest = json.loads(path.read_text())
     assert manifest["format"] == detector.FORMAT
-    path.write_text(json.dumps({**manifest, "format": "gradprobe.detector.v1"}))
-    assert OnnxDetector(tmp_path, CLASSIFIER_SHA).manifest.format == "gradprobe.detector.v1"
+    for older in ("gradprobe.detector.v1", "gradprobe.detector.v2"):
+        path.write_text(json.dumps({**manifest, "format": older}))
+        assert OnnxDetector(tmp_path, CLASSIFIER_SHA).manifest.format == older
     path.write_text(json.dumps({**manifest, "format": "gradprobe.detector.v9", "new": 1}))
     with pytest.raises(DetectorMismatch, match=r"'gradprobe\.detector\.v9'.*upgrade gradprobe"):
         OnnxDetector(tmp_path, CLASSIFIER_SHA)
