@@ -51,7 +51,8 @@ class Assessment:
 @dataclass
 class BatchAssessment:
     assessments: list[Assessment]
-    timings_ms: dict[str, float] = field(default_factory=dict)  # forward, gradients, detector
+    # forward, gradients, squeeze (with the stability signals), detector
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 class Assessor:

@@ -76,6 +76,7 @@ def assessment_dict(message: pb.ImageAssessment, index: int) -> dict[str, Any]:
             "queue": t.queue_ms,
             "forward": t.forward_ms,
             "gradients": t.gradients_ms,
+            "squeeze": t.squeeze_ms,
             "detector": t.detector_ms,
             "total": t.total_ms,
         },

@@ -18,7 +18,7 @@ from prometheus_client.exposition import start_http_server
 from service.assessor import VERDICTS, Assessment
 
 UNKNOWN_MODEL = "unknown"
-STAGES = ("decode", "queue", "forward", "gradients", "detector", "total")
+STAGES = ("decode", "queue", "forward", "gradients", "squeeze", "detector", "total")
 KINDS = ("assess", "predict")
 DROP_REASONS = ("deadline", "cancelled")
 # From ~0.5 ms (a decode) to 10 s (a big batch on a busy CPU).
@@ -38,7 +38,8 @@ class ServiceMetrics:
         r = self.registry
         self.stage_seconds = Histogram(
             "gradprobe_stage_duration_seconds",
-            "Time per request in each stage (forward/gradients/detector: its micro-batch's).",
+            "Time per request in each stage (forward, gradients, squeeze, detector: its "
+            "micro-batch's).",
             ["model", "kind", "stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -265,6 +265,7 @@ def _timings_message(timings: dict[str, float], batch_size: int) -> pb.Timings:
         forward_ms=timings.get("forward", 0.0),
         gradients_ms=timings.get("gradients", 0.0),
         detector_ms=timings.get("detector", 0.0),
+        squeeze_ms=timings.get("squeeze", 0.0),
         total_ms=timings.get("total", 0.0),
         batch_size=batch_size,
     )

@@ -246,6 +246,7 @@ def _traffic_images(assessor) -> dict[str, np.ndarray]:
     """Images of each kind, mostly unreliable so that the share alerts become true."""
     from detectors.fit.challenge.adversarial import attack
     from detectors.fit.challenge.corruptions import corrupt
+    from detectors.fit.challenge.ood import mnist_digits
     from detectors.fit.fashion_mnist import load_fashion_mnist, to_float
 
     per_kind = 4
@@ -255,9 +256,15 @@ def _traffic_images(assessor) -> dict[str, np.ndarray]:
     adversarial = attack(
         assessor.classifier.module, clean, test.labels[200:216].astype(np.int64), "pgd", None, 0
     ).images
+    # The OOD-rate alert needs OOD verdicts, not merely OOD images: H lets some digits through
+    # (an OOD set it never saw), so the traffic takes digits it does flag.
+    digits = mnist_digits(32, seed=1000)[:, None].astype(np.float32)
+    verdicts = [a.verdict for a in assessor.assess(digits).assessments]
+    flagged = [d for d, v in zip(digits, verdicts, strict=True) if v == "ood"]
+    assert len(flagged) >= per_kind, f"H calls only {len(flagged)} of 32 MNIST digits ood"
     return {
         "clean": samples[:per_kind],
-        "ood": samples[per_kind : 2 * per_kind],
+        "ood": np.stack(flagged[:per_kind]),
         "noisy": samples[2 * per_kind :],
         "blurred": corrupt(clean[:4], "gaussian_blur", 3, 0).astype(np.float32),
         "adversarial": adversarial[:3].astype(np.float32),

@@ -105,3 +105,23 @@ def test_a_guard_saved_before_per_signal_powers_uses_one_power(guard) -> None:
     vectors, probs = rows(30, rng, 0.2), h_probs(rng.uniform(0, 1, 30))
     np.testing.assert_allclose(restored.novelty(vectors, probs), uniform.novelty(vectors, probs))
     assert restored.power == 2.0
+
+
+def test_an_attack_undone_by_squeezing_is_caught_when_h_misses_it() -> None:
+    columns = ["msp", "squeeze_l1_max"]
+    rng = np.random.default_rng(3)
+
+    def attack_free(n: int) -> np.ndarray:  # confident, and squeezing barely moves the softmax
+        return np.column_stack([rng.uniform(0.9, 1.0, n), rng.normal(-8.0, 1.0, n)])
+
+    vectors = np.concatenate([attack_free(600), attack_free(600)]).astype(np.float32)
+    labels = np.r_[np.zeros(600, int), np.ones(600, int)]
+    probs = h_probs(np.r_[rng.uniform(0.8, 1.0, 600), rng.uniform(0.0, 0.2, 600)])
+    guard = NoveltyGuard.fit(columns, vectors, probs, labels)
+    assert guard is not None and guard.columns == [0, 1]
+    clean = attack_free(300).astype(np.float32)
+    attacked = clean.copy()
+    attacked[:, 1] = rng.normal(-1.0, 0.5, 300)  # the squeezed views' softmax moves far
+    fooled = h_probs(rng.uniform(0.8, 1.0, 300))
+    p_clean, p_attacked = guard.apply(clean, fooled)[:, 0], guard.apply(attacked, fooled)[:, 0]
+    assert (p_attacked < np.quantile(p_clean, 0.05)).mean() > 0.95

@@ -45,7 +45,7 @@ def test_metrics_endpoint_exposes_bounded_series(assessor):
     stages = {
         line.split('stage="')[1].split('"')[0] for line in text.splitlines() if 'stage="' in line
     }
-    assert stages == {"decode", "queue", "forward", "gradients", "detector", "total"}
+    assert stages == {"decode", "queue", "forward", "gradients", "squeeze", "detector", "total"}
 
 
 def _has_positive_value(result: list) -> bool:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egradprobe/v1/reliability.proto\x12\x0cgradprobe.v1\"M\n\x05Image\x12&\n\x03raw\x18\x01 \x01(\x0b\x32\x17.gradprobe.v1.RawPixelsH\x00\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"\x8e\x01\n\tRawPixels\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x05\x12,\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1d.gradprobe.v1.RawPixels.DType\"6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"W\n\rAssessRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.gradprobe.v1.Image\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"V\n\x06Scores\x12\x17\n\x0fin_distribution\x18\x01 \x01(\x02\x12\x0b\n\x03ood\x18\x02 \x01(\x02\x12\x11\n\tcorrupted\x18\x03 \x01(\x02\x12\x13\n\x0b\x61\x64versarial\x18\x04 \x01(\x02\"\x93\x01\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\nforward_ms\x18\x03 \x01(\x01\x12\x14\n\x0cgradients_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x64\x65tector_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\"\xcf\x01\n\x0fImageAssessment\x12\x17\n\x0fpredicted_class\x18\x01 \x01(\x05\x12\x16\n\x0epredicted_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12&\n\x07verdict\x18\x04 \x01(\x0e\x32\x15.gradprobe.v1.Verdict\x12$\n\x06scores\x18\x05 \x01(\x0b\x32\x14.gradprobe.v1.Scores\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.gradprobe.v1.Timings\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x7f\n\x0e\x41ssessResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.gradprobe.v1.ImageAssessment\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.gradprobe.v1.RequestError\"D\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.gradprobe.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\"T\n\nPrediction\x12\x17\n\x0fpredicted_class\x18\x01 \x01(\x05\x12\x16\n\x0epredicted_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"h\n\x0fPredictResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.gradprobe.v1.Prediction\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.gradprobe.v1.Timings\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gradprobe.v1.ModelInfo\"\x84\x02\n\tModelInfo\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x05\x12\x1a\n\x12\x63lassifier_version\x18\x03 \x01(\t\x12\x19\n\x11\x63lassifier_sha256\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65tector_version\x18\x05 \x01(\t\x12\x17\n\x0f\x64\x65tector_sha256\x18\x06 \x01(\t\x12\x10\n\x08verdicts\x18\x07 \x03(\t\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0c\n\x04name\x18\n \x01(\t\x12\x17\n\x0fresizes_encoded\x18\x0b \x01(\x08*`\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fIN_DISTRIBUTION\x10\x01\x12\x07\n\x03OOD\x10\x02\x12\r\n\tCORRUPTED\x10\x03\x12\x0f\n\x0b\x41\x44VERSARIAL\x10\x04\x32\x86\x03\n\x0bReliability\x12\x43\n\x06\x41ssess\x12\x1b.gradprobe.v1.AssessRequest\x1a\x1c.gradprobe.v1.AssessResponse\x12M\n\x0c\x41ssessStream\x12\x1b.gradprobe.v1.AssessRequest\x1a\x1c.gradprobe.v1.AssessResponse(\x01\x30\x01\x12\x46\n\x07Predict\x12\x1c.gradprobe.v1.PredictRequest\x1a\x1d.gradprobe.v1.PredictResponse\x12J\n\x0cGetModelInfo\x12!.gradprobe.v1.GetModelInfoRequest\x1a\x17.gradprobe.v1.ModelInfo\x12O\n\nListModels\x12\x1f.gradprobe.v1.ListModelsRequest\x1a .gradprobe.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egradprobe/v1/reliability.proto\x12\x0cgradprobe.v1\"M\n\x05Image\x12&\n\x03raw\x18\x01 \x01(\x0b\x32\x17.gradprobe.v1.RawPixelsH\x00\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"\x8e\x01\n\tRawPixels\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x05\x12,\n\x05\x64type\x18\x03 \x01(\x0e\x32\x1d.gradprobe.v1.RawPixels.DType\"6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"W\n\rAssessRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.gradprobe.v1.Image\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"V\n\x06Scores\x12\x17\n\x0fin_distribution\x18\x01 \x01(\x02\x12\x0b\n\x03ood\x18\x02 \x01(\x02\x12\x11\n\tcorrupted\x18\x03 \x01(\x02\x12\x13\n\x0b\x61\x64versarial\x18\x04 \x01(\x02\"\xa7\x01\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\nforward_ms\x18\x03 \x01(\x01\x12\x14\n\x0cgradients_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x64\x65tector_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x12\n\nsqueeze_ms\x18\x08 \x01(\x01\"\xcf\x01\n\x0fImageAssessment\x12\x17\n\x0fpredicted_class\x18\x01 \x01(\x05\x12\x16\n\x0epredicted_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12&\n\x07verdict\x18\x04 \x01(\x0e\x32\x15.gradprobe.v1.Verdict\x12$\n\x06scores\x18\x05 \x01(\x0b\x32\x14.gradprobe.v1.Scores\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.gradprobe.v1.Timings\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x7f\n\x0e\x41ssessResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.gradprobe.v1.ImageAssessment\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.gradprobe.v1.RequestError\"D\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.gradprobe.v1.Image\x12\r\n\x05model\x18\x02 \x01(\t\"T\n\nPrediction\x12\x17\n\x0fpredicted_class\x18\x01 \x01(\x05\x12\x16\n\x0epredicted_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\"h\n\x0fPredictResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.gradprobe.v1.Prediction\x12&\n\x07timings\x18\x02 \x01(\x0b\x32\x15.gradprobe.v1.Timings\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.gradprobe.v1.ModelInfo\"\x84\x02\n\tModelInfo\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\t\x12\x13\n\x0binput_shape\x18\x02 \x03(\x05\x12\x1a\n\x12\x63lassifier_version\x18\x03 \x01(\t\x12\x19\n\x11\x63lassifier_sha256\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65tector_version\x18\x05 \x01(\t\x12\x17\n\x0f\x64\x65tector_sha256\x18\x06 \x01(\t\x12\x10\n\x08verdicts\x18\x07 \x03(\t\x12\x1e\n\x16max_images_per_request\x18\x08 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0c\n\x04name\x18\n \x01(\t\x12\x17\n\x0fresizes_encoded\x18\x0b \x01(\x08*`\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fIN_DISTRIBUTION\x10\x01\x12\x07\n\x03OOD\x10\x02\x12\r\n\tCORRUPTED\x10\x03\x12\x0f\n\x0b\x41\x44VERSARIAL\x10\x04\x32\x86\x03\n\x0bReliability\x12\x43\n\x06\x41ssess\x12\x1b.gradprobe.v1.AssessRequest\x1a\x1c.gradprobe.v1.AssessResponse\x12M\n\x0c\x41ssessStream\x12\x1b.gradprobe.v1.AssessRequest\x1a\x1c.gradprobe.v1.AssessResponse(\x01\x30\x01\x12\x46\n\x07Predict\x12\x1c.gradprobe.v1.PredictRequest\x1a\x1d.gradprobe.v1.PredictResponse\x12J\n\x0cGetModelInfo\x12!.gradprobe.v1.GetModelInfoRequest\x1a\x17.gradprobe.v1.ModelInfo\x12O\n\nListModels\x12\x1f.gradprobe.v1.ListModelsRequest\x1a .gradprobe.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradprobe.v1.reliability_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=1632
-  _globals['_VERDICT']._serialized_end=1728
+  _globals['_VERDICT']._serialized_start=1652
+  _globals['_VERDICT']._serialized_end=1748
   _globals['_IMAGE']._serialized_start=48
   _globals['_IMAGE']._serialized_end=125
   _globals['_RAWPIXELS']._serialized_start=128
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORES']._serialized_start=361
   _globals['_SCORES']._serialized_end=447
   _globals['_TIMINGS']._serialized_start=450
-  _globals['_TIMINGS']._serialized_end=597
-  _globals['_IMAGEASSESSMENT']._serialized_start=600
-  _globals['_IMAGEASSESSMENT']._serialized_end=807
-  _globals['_REQUESTERROR']._serialized_start=809
-  _globals['_REQUESTERROR']._serialized_end=854
-  _globals['_ASSESSRESPONSE']._serialized_start=856
-  _globals['_ASSESSRESPONSE']._serialized_end=983
-  _globals['_PREDICTREQUEST']._serialized_start=985
-  _globals['_PREDICTREQUEST']._serialized_end=1053
-  _globals['_PREDICTION']._serialized_start=1055
-  _globals['_PREDICTION']._serialized_end=1139
-  _globals['_PREDICTRESPONSE']._serialized_start=1141
-  _globals['_PREDICTRESPONSE']._serialized_end=1245
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1247
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1283
-  _globals['_LISTMODELSREQUEST']._serialized_start=1285
-  _globals['_LISTMODELSREQUEST']._serialized_end=1304
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1306
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1367
-  _globals['_MODELINFO']._serialized_start=1370
-  _globals['_MODELINFO']._serialized_end=1630
-  _globals['_RELIABILITY']._serialized_start=1731
-  _globals['_RELIABILITY']._serialized_end=2121
+  _globals['_TIMINGS']._serialized_end=617
+  _globals['_IMAGEASSESSMENT']._serialized_start=620
+  _globals['_IMAGEASSESSMENT']._serialized_end=827
+  _globals['_REQUESTERROR']._serialized_start=829
+  _globals['_REQUESTERROR']._serialized_end=874
+  _globals['_ASSESSRESPONSE']._serialized_start=876
+  _globals['_ASSESSRESPONSE']._serialized_end=1003
+  _globals['_PREDICTREQUEST']._serialized_start=1005
+  _globals['_PREDICTREQUEST']._serialized_end=1073
+  _globals['_PREDICTION']._serialized_start=1075
+  _globals['_PREDICTION']._serialized_end=1159
+  _globals['_PREDICTRESPONSE']._serialized_start=1161
+  _globals['_PREDICTRESPONSE']._serialized_end=1265
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1267
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1303
+  _globals['_LISTMODELSREQUEST']._serialized_start=1305
+  _globals['_LISTMODELSREQUEST']._serialized_end=1324
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1326
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1387
+  _globals['_MODELINFO']._serialized_start=1390
+  _globals['_MODELINFO']._serialized_end=1650
+  _globals['_RELIABILITY']._serialized_start=1751
+  _globals['_RELIABILITY']._serialized_end=2141
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class Scores(_message.Message):
     def __init__(self, in_distribution: _Optional[float] = ..., ood: _Optional[float] = ..., corrupted: _Optional[float] = ..., adversarial: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("decode_ms", "queue_ms", "forward_ms", "gradients_ms", "detector_ms", "total_ms", "batch_size")
+    __slots__ = ("decode_ms", "queue_ms", "forward_ms", "gradients_ms", "detector_ms", "total_ms", "batch_size", "squeeze_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Timings(_message.Message):
     DETECTOR_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SQUEEZE_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     queue_ms: float
     forward_ms: float
@@ -84,7 +85,8 @@ class Timings(_message.Message):
     detector_ms: float
     total_ms: float
     batch_size: int
-    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., gradients_ms: _Optional[float] = ..., detector_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    squeeze_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., gradients_ms: _Optional[float] = ..., detector_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., squeeze_ms: _Optional[float] = ...) -> None: ...
 
 class ImageAssessment(_message.Message):
     __slots__ = ("predicted_class", "predicted_name", "probabilities", "verdict", "scores", "timings")
