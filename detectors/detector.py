@@ -21,6 +21,12 @@ import numpy as np
 
 from detectors.guard import NoveltyGuard
 from detectors.signals import SignalFeaturizer
+from detectors.stability import STABILITY_COLUMNS
+
+# Signals only the guard reads. Feature squeezing, learnt by the MLP from the seen attacks,
+# taught it that a softmax that moves under squeezing means "adversarial", and it then called
+# unseen noise and smudges more normal; as a one-class tail in the guard it transfers.
+GUARD_ONLY_COLUMNS = frozenset(STABILITY_COLUMNS)
 
 VERDICTS = ("in_distribution", "ood", "corrupted", "adversarial")
 ONNX_FILE = "detector.onnx"
@@ -56,6 +62,8 @@ class DetectorManifest:
     threshold: float | None = None
     # The novelty guard's numbers (``detectors.guard``); None: H's probabilities as they are.
     guard: dict[str, Any] | None = None
+    # Indices of the columns the MLP reads (the rest only the guard); None: every column.
+    h_inputs: list[int] | None = None
 
 
 def verdict_indices(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
@@ -117,9 +125,11 @@ class TrainedH:
     guard: NoveltyGuard | None = None
     # Validation rows the guard did not see (for the operating point); None: all of them.
     holdout: np.ndarray | None = None
+    h_inputs: list[int] | None = None  # the columns the pipeline reads; None: all
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        log_p = np.log(np.clip(self.pipeline.predict_proba(vectors), 1e-12, 1.0))
+        h_vectors = vectors if self.h_inputs is None else vectors[:, self.h_inputs]
+        log_p = np.log(np.clip(self.pipeline.predict_proba(h_vectors), 1e-12, 1.0))
         probs = _softmax_t(log_p, self.temperature)
         return probs if self.guard is None else self.guard.apply(vectors, probs)
 
@@ -137,7 +147,8 @@ def fit(
 ) -> TrainedH:
     """Fit the pipeline on train, the temperature on val. Labels index ``VERDICTS``.
     With ``guard``, P(in_distribution) also answers to one-class signals among ``columns``
-    (``detectors.guard``), fitted on val.
+    (``detectors.guard``), fitted on val. Columns in ``GUARD_ONLY_COLUMNS`` are read by the
+    guard alone: without the guard they are left out.
 
     Width and ``alpha`` were chosen on the validation split (macro-F1 and per-family AUROC);
     wider or deeper nets and smaller ``alpha`` did no better there.
@@ -153,6 +164,7 @@ def fit(
     # Balance the families by weighting; resampling with replacement put copies of training
     # rows into the early-stopping split, which then stopped too late (val macro-F1 −0.008).
     weights = compute_sample_weight("balanced", train_y)
+    h_inputs = [i for i, name in enumerate(columns) if name not in GUARD_ONLY_COLUMNS]
     pipeline = make_pipeline(
         StandardScaler(),
         MLPClassifier(
@@ -166,9 +178,12 @@ def fit(
             random_state=seed,
         ),
     )
-    pipeline.fit(train_x, train_y, mlpclassifier__sample_weight=weights)
-    temperature = fit_temperature(pipeline.predict_proba(val_x), val_y)
-    trained = TrainedH(pipeline, temperature, featurizer, columns)
+    pipeline.fit(train_x[:, h_inputs], train_y, mlpclassifier__sample_weight=weights)
+    temperature = fit_temperature(pipeline.predict_proba(val_x[:, h_inputs]), val_y)
+    every = len(h_inputs) == len(columns)
+    trained = TrainedH(
+        pipeline, temperature, featurizer, columns, h_inputs=None if every else h_inputs
+    )
     if guard:
         # Half of val's clean images are the guard's reference; the other half stays out of
         # it, so the operating point is set on images the guard ranks as it will rank new ones.
@@ -194,7 +209,8 @@ def export(
     from skl2onnx import to_onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = np.zeros((1, len(trained.columns)), dtype=np.float32)
+    inputs = len(trained.columns) if trained.h_inputs is None else len(trained.h_inputs)
+    sample = np.zeros((1, inputs), dtype=np.float32)
     onnx_model = to_onnx(
         trained.pipeline, sample, options={"zipmap": False}, target_opset={"": 17, "ai.onnx.ml": 3}
     )
@@ -216,6 +232,7 @@ def export(
         metrics=metrics,
         threshold=threshold,
         guard=None if trained.guard is None else trained.guard.to_dict(),
+        h_inputs=trained.h_inputs,
     )
     (out_dir / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
     return manifest
@@ -274,6 +291,16 @@ class OnnxDetector:
             str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
         )
         self._input = self.session.get_inputs()[0].name
+        inputs = self.manifest.h_inputs
+        width = len(self.manifest.columns) if inputs is None else len(inputs)
+        graph_width = self.session.get_inputs()[0].shape[-1]
+        if graph_width != width or (
+            inputs is not None and not all(0 <= i < len(self.manifest.columns) for i in inputs)
+        ):
+            raise DetectorMismatch(
+                f"{path} names {width} of its columns as H's inputs, but the ONNX graph takes "
+                f"{graph_width}: the manifest was altered; refit the detector with `gradprobe fit`"
+            )
         self.version = self.manifest.version
         self.sha256 = self.manifest.onnx_sha256
         guard = self.manifest.guard
@@ -285,7 +312,9 @@ class OnnxDetector:
         return self.featurizer.needs_squeezed_logits
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        _, probs = self.session.run(None, {self._input: vectors.astype(np.float32)})
+        inputs = self.manifest.h_inputs
+        h_vectors = vectors if inputs is None else vectors[:, inputs]
+        _, probs = self.session.run(None, {self._input: h_vectors.astype(np.float32)})
         log_p = np.log(np.clip(probs, 1e-12, 1.0))
         probs = _softmax_t(log_p, self.manifest.temperature)
         return probs if self.guard is None else self.guard.apply(vectors, probs)

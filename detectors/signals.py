@@ -12,7 +12,8 @@ sharpness, noise, colour, JPEG blockiness) z-scored against theirs, and (``image
 where the image puts its light and detail, cell by cell, against where theirs do; so nothing
 assumes a background colour, a size or a channel count. ``stability``: how far the softmax moves
 when the image is squeezed by a pixel-scale blur or median (``detectors.stability``), the trace
-of perturbations tuned to cross a decision boundary.
+of perturbations tuned to cross a decision boundary (read by the novelty guard alone, see
+``detectors.detector.GUARD_ONLY_COLUMNS``).
 Which groups are used is part of the detector's manifest; the evaluation measures what each
 adds.
 """

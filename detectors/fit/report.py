@@ -36,7 +36,7 @@ PORTABLE_ABLATION = [
         "all but stability (+ relative image statistics and layout)",
         tuple(g for g in PORTABLE_GROUPS if g != "stability"),
     ),
-    ("all (+ stability under squeezing) = H", PORTABLE_GROUPS),
+    ("all (+ stability under squeezing, read by the guard) = H", PORTABLE_GROUPS),
     (
         "gradients + relative image statistics and layout",
         ("gradients", "gradient_summary", "image_relative", "image_layout"),

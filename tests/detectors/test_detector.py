@@ -115,3 +115,45 @@ def test_missing_verdicts_in_training_data() -> None:
     x, y = _data(100, 0)
     with pytest.raises(ValueError, match="lacks verdicts"):
         detector.fit(SignalFeaturizer(), [], x[y < 3], y[y < 3], x, y)
+
+
+def test_guard_only_columns_reach_the_guard_and_not_the_mlp(tmp_path) -> None:
+    from detectors.stability import STABILITY_COLUMNS
+
+    featurizer = SignalFeaturizer(groups=("logits",)).fit(np.ones((4, 2)), np.arange(4) % 2)
+    columns = [f"c{i}" for i in range(5)] + ["msp", *STABILITY_COLUMNS]
+    rng = np.random.default_rng(4)
+
+    def rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = _data(n, seed)
+        # Clean rows' softmax barely moves under squeezing; the other kinds' moves far.
+        moves = np.where(y == 0, -8.0, -1.0)[:, None] + rng.normal(0, 0.5, (n, 3))
+        return np.hstack([x, moves]).astype(np.float32), y
+
+    (x, y), (vx, vy) = rows(800, 0), rows(300, 1)
+    trained = detector.fit(featurizer, columns, x, y, vx, vy, hidden_layers=(16,), guard=True)
+    assert trained.h_inputs == list(range(6))  # the MLP reads the first six columns only
+    assert trained.guard is not None
+    assert [columns[i] for i in trained.guard.columns] == ["msp", "squeeze_l1_max"]
+    manifest = detector.export(
+        trained, tmp_path, classifier_sha256=CLASSIFIER_SHA, training_data={}, metrics={}
+    )
+    assert manifest.h_inputs == list(range(6))
+    served = OnnxDetector(tmp_path, CLASSIFIER_SHA)
+    test, test_y = rows(60, 5)
+    before = served.predict_proba_vectors(test)
+    np.testing.assert_allclose(before, trained.predict_proba_vectors(test), rtol=1e-4, atol=1e-6)
+    # Clean images whose softmax now moves far under squeezing: the guard lowers
+    # P(in_distribution); H's split of the rest is its own.
+    moved = test.copy()
+    moved[:, -3:] = 0.0
+    after = served.predict_proba_vectors(moved)
+    clean = test_y == 0
+    assert (after[clean, 0] < before[clean, 0]).all()
+    np.testing.assert_allclose(after[:, 2] / after[:, 1], before[:, 2] / before[:, 1], rtol=1e-4)
+
+    path = tmp_path / detector.MANIFEST_FILE
+    values = json.loads(path.read_text())
+    path.write_text(json.dumps({**values, "h_inputs": list(range(7))}))
+    with pytest.raises(DetectorMismatch, match=r"names 7 of its columns.*takes 6"):
+        OnnxDetector(tmp_path, CLASSIFIER_SHA)
