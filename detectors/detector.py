@@ -291,25 +291,44 @@ class OnnxDetector:
             str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
         )
         self._input = self.session.get_inputs()[0].name
-        inputs = self.manifest.h_inputs
-        width = len(self.manifest.columns) if inputs is None else len(inputs)
-        graph_width = self.session.get_inputs()[0].shape[-1]
-        if graph_width != width or (
-            inputs is not None and not all(0 <= i < len(self.manifest.columns) for i in inputs)
-        ):
-            raise DetectorMismatch(
-                f"{path} names {width} of its columns as H's inputs, but the ONNX graph takes "
-                f"{graph_width}: the manifest was altered; refit the detector with `gradprobe fit`"
-            )
         self.version = self.manifest.version
         self.sha256 = self.manifest.onnx_sha256
         guard = self.manifest.guard
         self.guard = None if guard is None else NoveltyGuard.from_dict(guard)
+        self._check_columns(path)
+
+    def _check_columns(self, path: Path) -> None:
+        """The columns the MLP and the guard read exist, and the graph takes as many as the
+        manifest gives it: a manifest edited by hand fails here, not on the first request."""
+        columns, inputs = len(self.manifest.columns), self.manifest.h_inputs
+        refit = "the manifest was altered; refit the detector with `gradprobe fit`"
+        for name, indices in (
+            ("h_inputs", inputs or []),
+            ("guard columns", [] if self.guard is None else self.guard.columns),
+        ):
+            if not all(0 <= i < columns for i in indices):
+                raise DetectorMismatch(
+                    f"{path}: its {name} name columns beyond its {columns} columns: {refit}"
+                )
+        width = columns if inputs is None else len(inputs)
+        graph_width = self.session.get_inputs()[0].shape[-1]
+        if isinstance(graph_width, int) and graph_width != width:
+            raise DetectorMismatch(
+                f"{path} names {width} of its columns as H's inputs, but the ONNX graph takes "
+                f"{graph_width}: {refit}"
+            )
 
     @property
     def needs_squeezed_logits(self) -> bool:
-        """Whether the signals must come from ``GradientFeatures(model, squeeze=True)``."""
-        return self.featurizer.needs_squeezed_logits
+        """Whether the signals must come from ``GradientFeatures(model, squeeze=True)``: the
+        featurizer computes the stability columns and the MLP or the guard reads one."""
+        if not self.featurizer.needs_squeezed_logits:
+            return False
+        columns = self.manifest.columns
+        read = range(len(columns)) if self.manifest.h_inputs is None else self.manifest.h_inputs
+        if self.guard is not None:
+            read = [*read, *self.guard.columns]
+        return any(columns[i] in STABILITY_COLUMNS for i in read)
 
     def predict_proba_vectors(self, vectors: np.ndarray) -> np.ndarray:
         inputs = self.manifest.h_inputs

@@ -34,6 +34,7 @@ from detectors.layer_norms import LayerNormFn, norm_fn_for, pooled_conv2d_sq_nor
 from detectors.traced_backward import PooledDelta, TracedBackward, Unsupported
 
 LabelMode = Literal["onehot", "confounding"]
+_SQUEEZE_CHUNK = 64  # images per forward of the squeezed views (each view doubles it)
 
 
 def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -92,6 +93,8 @@ class GradientFeatures:
         traced: use the label-folded backward of ``traced_backward`` when the model's
             ``torch.fx`` graph is made of layers it knows (faster; same values); otherwise,
             or with ``False``, autograd under vmap.
+        squeeze: also run the model on the squeezed views of the batch
+            (``detectors.stability``), for detectors that read the stability signals.
 
     Works on whatever device the model is on, and also when called inside ``torch.no_grad()``
     or ``torch.inference_mode()``. One instance serves one thread at a time (it registers
@@ -140,7 +143,8 @@ class GradientFeatures:
     __call__ = compute
 
     def signals(self, x: Tensor) -> GradientSignals:
-        """Features plus what the same forward pass gives for free: logits and embeddings."""
+        """Features plus what the same forward pass gives for free (logits and embeddings)
+        and, with ``squeeze``, the logits of the squeezed views (their own forward)."""
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"expected a non-empty batch (B, ...), got shape {tuple(x.shape)}")
         device = _model_device(self.model)
@@ -149,26 +153,38 @@ class GradientFeatures:
             # A copy: inference tensors cannot be saved for backward, and a model that
             # edits its input in place must not touch the caller's tensor.
             x = x.detach().clone().to(device=device, dtype=torch.float32)
+            # The squeezed views are made from the image as given, before any pass of a
+            # model that edits its input in place.
+            pristine = x.clone() if self.squeeze else None
             step, block, n_labels = self._plan(x)
             parts = [
                 self._compute_blocks(x[i : i + step], timings, block, n_labels)
                 for i in range(0, x.shape[0], step)
             ]
             squeezed = None
-            if self.squeeze:
-                start = time.perf_counter()
-                squeezed = torch.cat(
-                    [
-                        stability.squeezed_logits(self.model, x[i : i + step]).detach()
-                        for i in range(0, x.shape[0], step)
-                    ]
-                )
-                timings["squeeze"] = (time.perf_counter() - start) * 1000
+            if pristine is not None:
+                squeezed = self._squeezed_logits(pristine, step, timings)
         if len(parts) == 1:
             features, logits, embeddings = parts[0]
         else:
             features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
         return GradientSignals(features.float().contiguous(), logits, embeddings, timings, squeezed)
+
+    def _squeezed_logits(self, x: Tensor, step: int, timings: dict[str, float]) -> Tensor:
+        # No gradients are held for these passes, so their chunk need not be the gradient
+        # pass's (which can be one image when the labels go in blocks).
+        chunk = max(step, _SQUEEZE_CHUNK)
+        start = time.perf_counter()
+        squeezed = torch.cat(
+            [
+                stability.squeezed_logits(self.model, x[i : i + chunk]).detach()
+                for i in range(0, x.shape[0], chunk)
+            ]
+        )
+        if squeezed.is_cuda:
+            torch.cuda.synchronize(squeezed.device)  # so the stage's time is its own
+        timings["squeeze"] = (time.perf_counter() - start) * 1000
+        return squeezed
 
     def _forward(self, x: Tensor) -> tuple[Tensor, list[_Capture]]:
         """Forward with every layer's input and output recorded, intact for the backward."""

@@ -20,25 +20,26 @@ from torch import Tensor, nn
 SQUEEZES = ("blur", "median")
 STABILITY_COLUMNS = ("squeeze_l1_blur", "squeeze_l1_median", "squeeze_l1_max")
 _BLUR_SIGMA = 0.5  # pixels
-_MEDIAN_SIZE = 2  # pixels per side
 
 
 def _blur(x: Tensor, sigma: float = _BLUR_SIGMA) -> Tensor:
-    radius = max(1, int(3 * sigma))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-(t**2) / (2 * sigma * sigma))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    """Gaussian blur, 3×3 (±2σ at σ = 0.5 px), edges replicated: one grouped convolution."""
+    t = torch.arange(-1, 2, device=x.device, dtype=x.dtype)
+    g = torch.exp(-(t**2) / (2 * sigma * sigma))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
 
 
-def _median(x: Tensor, size: int = _MEDIAN_SIZE) -> Tensor:
-    before, after = size // 2, (size - 1) // 2
-    padded = F.pad(x, (before, after, before, after), mode="replicate")
-    windows = padded.unfold(2, size, 1).unfold(3, size, 1)
-    return windows.reshape(*windows.shape[:4], -1).median(-1).values
+def _median(x: Tensor) -> Tensor:
+    """2×2 median (the lower of the middle two), edges replicated. In closed form: the second
+    smallest of four values is min(max(min(a, b), min(c, d)), min(max(a, b), max(c, d))),
+    many times faster than sorting unfolded windows."""
+    p = F.pad(x, (1, 0, 1, 0), mode="replicate")
+    a, b, c, d = p[..., :-1, :-1], p[..., :-1, 1:], p[..., 1:, :-1], p[..., 1:, 1:]
+    low = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
+    high = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
+    return torch.minimum(low, high)
 
 
 def squeezed_views(x: Tensor) -> list[Tensor]:
@@ -50,8 +51,11 @@ def squeezed_views(x: Tensor) -> list[Tensor]:
 
 @torch.no_grad()
 def squeezed_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """The model's logits on each squeezed view: (B, len(SQUEEZES), N). ``model`` in eval mode."""
-    return torch.stack([model(view) for view in squeezed_views(x)], dim=1)
+    """The model's logits on each squeezed view: (B, len(SQUEEZES), N), from one forward of
+    all views together. ``model`` in eval mode."""
+    views = squeezed_views(x)
+    logits = model(torch.cat(views))
+    return logits.reshape(len(views), x.shape[0], -1).transpose(0, 1)
 
 
 def stability_columns(logits: np.ndarray, squeezed: np.ndarray) -> np.ndarray:

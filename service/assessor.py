@@ -78,7 +78,8 @@ class Assessor:
         self.detector = detector
         self.device = device
         self.module = classifier.module.to(device)
-        self.engine = GradientFeatures(self.module, squeeze=detector.needs_squeezed_logits)
+        squeeze = bool(getattr(detector, "needs_squeezed_logits", False))
+        self.engine = GradientFeatures(self.module, squeeze=squeeze)
 
     @property
     def classes(self) -> list[str]:

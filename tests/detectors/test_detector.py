@@ -157,3 +157,38 @@ def test_guard_only_columns_reach_the_guard_and_not_the_mlp(tmp_path) -> None:
     path.write_text(json.dumps({**values, "h_inputs": list(range(7))}))
     with pytest.raises(DetectorMismatch, match=r"names 7 of its columns.*takes 6"):
         OnnxDetector(tmp_path, CLASSIFIER_SHA)
+
+
+def test_squeezing_is_asked_for_only_when_something_reads_it(trained, tmp_path) -> None:
+    from detectors.stability import STABILITY_COLUMNS
+
+    # An older detector: no stability group, a manifest without h_inputs.
+    detector.export(
+        trained, tmp_path, classifier_sha256=CLASSIFIER_SHA, training_data={}, metrics={}
+    )
+    path = tmp_path / detector.MANIFEST_FILE
+    values = json.loads(path.read_text())
+    del values["h_inputs"]
+    path.write_text(json.dumps({**values, "format": "gradprobe.detector.v2"}))
+    assert not OnnxDetector(tmp_path, CLASSIFIER_SHA).needs_squeezed_logits
+
+    # The stability group computed, but neither the MLP nor a guard reads it.
+    featurizer = SignalFeaturizer(groups=("logits", "stability"))
+    featurizer.fit(np.ones((4, 2)), np.arange(4) % 2)
+    columns = [f"c{i}" for i in range(6)] + list(STABILITY_COLUMNS)
+    x, y = _data(400, 0)
+    vx, vy = _data(200, 1)
+    pad = np.zeros((1, 3), np.float32)
+    unread = detector.fit(
+        featurizer,
+        columns,
+        np.hstack([x, pad.repeat(400, 0)]),
+        y,
+        np.hstack([vx, pad.repeat(200, 0)]),
+        vy,
+        hidden_layers=(8,),
+    )
+    out = tmp_path / "unread"
+    detector.export(unread, out, classifier_sha256=CLASSIFIER_SHA, training_data={}, metrics={})
+    served = OnnxDetector(out, CLASSIFIER_SHA)
+    assert served.featurizer.needs_squeezed_logits and not served.needs_squeezed_logits

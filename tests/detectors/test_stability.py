@@ -85,3 +85,41 @@ def test_featurizer_with_the_stability_group_says_how_to_get_its_signals() -> No
     out = featurizer.transform(features, logits, rng.normal(size=(2, 4)), None, squeezed)
     expected = stability.stability_columns(logits, squeezed)
     np.testing.assert_allclose(out[:, -3:], expected, rtol=1e-5)
+
+
+def test_the_closed_form_median_is_the_sorted_windows_median() -> None:
+    x = torch.rand(3, 2, 9, 11)
+    padded = torch.nn.functional.pad(x, (1, 0, 1, 0), mode="replicate")
+    windows = padded.unfold(2, 2, 1).unfold(3, 2, 1).reshape(3, 2, 9, 11, 4)
+    _, median = stability.squeezed_views(x)
+    torch.testing.assert_close(median, windows.sort(-1).values[..., 1])
+
+
+def test_one_pixel_rows_and_columns_are_squeezed() -> None:
+    for shape in ((2, 3, 1, 1), (1, 1, 1, 9), (1, 2, 7, 1)):
+        x = torch.rand(shape)
+        blur, median = stability.squeezed_views(x)
+        assert blur.shape == median.shape == x.shape
+    single = torch.rand(1, 3, 1, 1)
+    for view in stability.squeezed_views(single):  # replicated edges: nothing to mix with
+        torch.testing.assert_close(view, single)
+
+
+class _EditsItsInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model(channels=3, classes=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.mul_(2.0).sub_(1.0))  # normalizes in place
+
+
+def test_views_are_squeezed_from_the_image_as_given_by_a_model_that_edits_its_input() -> None:
+    model = _EditsItsInput().eval()
+    x = torch.rand(5, 3, 16, 16)
+    given = x.clone()
+    signals = GradientFeatures(model, squeeze=True).signals(x)
+    torch.testing.assert_close(x, given)  # the caller's tensor is untouched
+    expected = stability.squeezed_logits(model, given.clone())
+    assert signals.squeezed_logits is not None
+    torch.testing.assert_close(signals.squeezed_logits, expected, rtol=1e-5, atol=1e-5)

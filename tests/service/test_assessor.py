@@ -76,3 +76,15 @@ def test_other_errors_are_not_retried(images):
     with pytest.raises(RuntimeError, match="not a memory error"):
         within_memory(broken, images, memory_cap=MemoryCap(100))
     assert calls == [9]
+
+
+def test_the_engine_squeezes_only_for_a_detector_that_reads_it(assessor):
+    from service.assessor import Assessor
+
+    assert assessor.detector.needs_squeezed_logits and assessor.engine.squeeze
+
+    class ThirdPartyDetector:  # a Detector written before the stability signals
+        version, sha256 = "v", "0" * 64
+
+    plain = Assessor(assessor.classifier, ThirdPartyDetector())
+    assert not plain.engine.squeeze

@@ -69,6 +69,7 @@ def test_verdicts_equal_the_core(client, assessor, images):
     assert len({a["verdict"] for a in answers}) > 1  # the sample really has different verdicts
     timings = answers[0]["timings_ms"]
     assert timings["total"] >= timings["forward"] > 0 and timings["gradients"] > 0
+    assert timings["squeeze"] > 0  # the default detector's guard reads feature squeezing
     assert answers[0]["batch_size"] == len(images)
 
 
