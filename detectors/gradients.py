@@ -34,7 +34,7 @@ from detectors.layer_norms import LayerNormFn, norm_fn_for, pooled_conv2d_sq_nor
 from detectors.traced_backward import PooledDelta, TracedBackward, Unsupported
 
 LabelMode = Literal["onehot", "confounding"]
-_SQUEEZE_CHUNK = 64  # images per forward of the squeezed views (each view doubles it)
+_SQUEEZE_CHUNK = 32  # images per forward of the squeezed views (each view adds as many)
 
 
 def parameterized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -153,27 +153,23 @@ class GradientFeatures:
             # A copy: inference tensors cannot be saved for backward, and a model that
             # edits its input in place must not touch the caller's tensor.
             x = x.detach().clone().to(device=device, dtype=torch.float32)
-            # The squeezed views are made from the image as given, before any pass of a
-            # model that edits its input in place.
-            pristine = x.clone() if self.squeeze else None
+            # First: a model that edits its input in place must not change what is squeezed.
+            squeezed = self._squeezed_logits(x, timings) if self.squeeze else None
             step, block, n_labels = self._plan(x)
             parts = [
                 self._compute_blocks(x[i : i + step], timings, block, n_labels)
                 for i in range(0, x.shape[0], step)
             ]
-            squeezed = None
-            if pristine is not None:
-                squeezed = self._squeezed_logits(pristine, step, timings)
         if len(parts) == 1:
             features, logits, embeddings = parts[0]
         else:
             features, logits, embeddings = (torch.cat(p) for p in zip(*parts, strict=True))
         return GradientSignals(features.float().contiguous(), logits, embeddings, timings, squeezed)
 
-    def _squeezed_logits(self, x: Tensor, step: int, timings: dict[str, float]) -> Tensor:
-        # No gradients are held for these passes, so their chunk need not be the gradient
-        # pass's (which can be one image when the labels go in blocks).
-        chunk = max(step, _SQUEEZE_CHUNK)
+    def _squeezed_logits(self, x: Tensor, timings: dict[str, float]) -> Tensor:
+        # No gradients are held for these passes, so their chunk is their own, not the
+        # gradient pass's (which can be one image when the labels go in blocks).
+        chunk = _SQUEEZE_CHUNK
         start = time.perf_counter()
         squeezed = torch.cat(
             [
