@@ -8,7 +8,8 @@ anyway: maximum softmax, energy (log-sum-exp of the logits), the top-two logit m
 distance to the k-th nearest training embedding (KNN) and the class-conditional Mahalanobis
 distance. Image statistics enter only relative to the user's clean training images
 (``image_relative``): ``portable_image_statistics`` (brightness and its spread, clipping,
-sharpness, noise, colour, JPEG blockiness) z-scored against theirs, and (``image_layout``)
+sharpness, noise, colour, JPEG blockiness, the brightness of the image's outer frame) z-scored
+against theirs, and (``image_layout``)
 where the image puts its light and detail, cell by cell, against where theirs do; so nothing
 assumes a background colour, a size or a channel count. ``stability``: how far the softmax moves
 when the image is squeezed by a pixel-scale blur or median (``detectors.stability``), the trace
@@ -79,6 +80,8 @@ RELATIVE_IMAGE_COLUMNS = (
     "rel_colourfulness",
     "rel_saturation",
     "rel_log_blockiness",
+    "rel_frame_mean",
+    "rel_frame_std",
 )
 
 
@@ -86,7 +89,8 @@ def portable_image_statistics(images: np.ndarray) -> np.ndarray:
     """(B, len(RELATIVE_IMAGE_COLUMNS)) float64 statistics of images (B, C, H, W) in [0, 1]
     that hold for any size, channel count and background: brightness and its spread,
     clipping, sharpness, a robust noise level, colourfulness and saturation (0 for one
-    channel), and 8×8 block edges (JPEG). They mean something only relative to the user's
+    channel), 8×8 block edges (JPEG), and the brightness of the outer frame (a band 1/14 of
+    the short side wide) and its spread. They mean something only relative to the user's
     clean images: ``SignalFeaturizer`` turns them into z-scores against those."""
     images = np.asarray(images)
     if images.ndim != 4:
@@ -126,6 +130,12 @@ def _portable_statistics(images: np.ndarray) -> np.ndarray:
     else:
         blockiness = np.zeros(len(x))
     quantiles = np.percentile(flat, [5, 50, 95], axis=1).T
+    # Where the user's images have a plain surround (a studio background, sky, a page), its
+    # brightness is steady and anything else is far from it; where the surround varies, the
+    # z-scores stay small.
+    band = max(1, min(y.shape[1], y.shape[2]) // 14)
+    edges = (y[:, :band], y[:, -band:], y[:, band:-band, :band], y[:, band:-band, -band:])
+    frame = np.concatenate([e.reshape(len(y), -1) for e in edges], axis=1)
     return np.column_stack(
         [
             flat.mean(1),
@@ -139,6 +149,8 @@ def _portable_statistics(images: np.ndarray) -> np.ndarray:
             colourfulness,
             saturation,
             blockiness,
+            frame.mean(1),
+            frame.std(1),
         ]
     )
 
@@ -248,7 +260,9 @@ class SignalFeaturizer:
         Mahalanobis distance of the whole vector from them."""
         if self.image_mean is None or self.image_std is None or self.image_precision is None:
             raise RuntimeError("this featurizer was fitted without clean images")
-        z = (portable_image_statistics(images) - self.image_mean) / self.image_std
+        # A featurizer fitted before later statistics were added reads the ones it knows.
+        stats = portable_image_statistics(images)[:, : len(self.image_mean)]
+        z = (stats - self.image_mean) / self.image_std
         distance = ((z @ self.image_precision) * z).sum(1)
         return np.column_stack([z, np.log(distance + 1e-6)])
 
@@ -285,7 +299,8 @@ class SignalFeaturizer:
         if "mahalanobis" in self.groups:
             names += ["mahalanobis_min"]
         if "image_relative" in self.groups:
-            names += [*RELATIVE_IMAGE_COLUMNS, "rel_image_distance"]
+            known = len(RELATIVE_IMAGE_COLUMNS if self.image_mean is None else self.image_mean)
+            names += [*RELATIVE_IMAGE_COLUMNS[:known], "rel_image_distance"]
         if "image_layout" in self.groups:
             names += list(LAYOUT_COLUMNS)
         if "stability" in self.groups:

@@ -178,6 +178,46 @@ def test_portable_image_statistics_hold_for_any_shape_and_chunk() -> None:
     assert (brighter[:, mean] > stats[:, mean]).all()
 
 
+def test_frame_statistics_see_the_outer_band_only() -> None:
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0.2, 0.4, (6, 3, 42, 56))  # band: 42 // 14 = 3 px
+    framed = images.copy()
+    framed[..., :3, :] = framed[..., -3:, :] = framed[..., :, :3] = framed[..., :, -3:] = 0.9
+    centre = images.copy()
+    centre[..., 3:-3, 3:-3] = 0.9
+    frame = [RELATIVE_IMAGE_COLUMNS.index(c) for c in ("rel_frame_mean", "rel_frame_std")]
+    before, after, inside = (
+        portable_image_statistics(x)[:, frame] for x in (images, framed, centre)
+    )
+    np.testing.assert_allclose(after, [[0.9, 0.0]] * 6, atol=1e-6)  # the band, whole
+    np.testing.assert_allclose(inside, before)  # the centre is not the frame
+    assert (before[:, 0] < 0.4).all() and (before[:, 1] > 0).all()
+
+
+def test_a_featurizer_fitted_before_the_frame_statistics_keeps_its_width(fitted) -> None:
+    """Detectors saved with the first 13 statistics load and score as they were fitted."""
+    known = RELATIVE_IMAGE_COLUMNS.index("rel_frame_mean")
+    older = SignalFeaturizer(
+        groups=fitted.groups,
+        knn_k=fitted.knn_k,
+        bank=fitted.bank,
+        class_means=fitted.class_means,
+        precision=fitted.precision,
+        image_mean=fitted.image_mean[:known],
+        image_std=fitted.image_std[:known],
+        image_precision=fitted.image_precision[:known, :known],
+    )
+    rng = np.random.default_rng(3)
+    images = rng.random((4, 1, 28, 28))
+    out = older.transform(
+        rng.random((4, 3, 2)) + 0.1, rng.normal(size=(4, 3)), rng.normal(size=(4, 8)), images
+    )
+    names = older.column_names(3, ["a", "b"])
+    assert out.shape == (4, len(names)) and "rel_frame_mean" not in names
+    z = (portable_image_statistics(images)[:, :known] - older.image_mean) / older.image_std
+    np.testing.assert_allclose(out[:, -known - 1 : -1], z, rtol=1e-5, atol=1e-5)
+
+
 def test_layout_maps_pool_any_size_into_cells() -> None:
     rng = np.random.default_rng(0)
     images = rng.random((5, 3, 20, 27))
