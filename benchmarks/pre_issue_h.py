@@ -77,11 +77,14 @@ with open(f"{work}/pre_issue_scores.json", "w") as f:
 """
 
 
-def _auroc(kinds: np.ndarray, scores: np.ndarray, prefix: str) -> float:
+def _auroc(kinds: np.ndarray, scores: np.ndarray, group: str) -> float:
+    """AUROC of the images of ``group`` (a family, "ood", or a kind, "adversarial:pgd", which
+    is not "adversarial:pgd_min") against the clean ones."""
     from sklearn.metrics import roc_auc_score
 
+    kinds = kinds.astype(str)
     clean = kinds == "clean"
-    chosen = np.char.startswith(kinds.astype(str), prefix)
+    chosen = (kinds == group) | np.char.startswith(kinds, group + ":")
     y = np.r_[np.zeros(clean.sum()), np.ones(chosen.sum())]
     return float(roc_auc_score(y, np.r_[scores[clean], scores[chosen]]))
 
@@ -108,10 +111,10 @@ def _current_scores(assessor: object, images: np.ndarray) -> np.ndarray:
 def _table(title: str, kinds: np.ndarray, old: np.ndarray, new: np.ndarray) -> list[str]:
     lines = [f"### {title}", "", "| images | pre-issue H | current H | current − pre-issue |"]
     lines.append("|---|---:|---:|---:|")
-    rows = [(f"**{f}** (family)", f + ":") for f in FAMILIES]
+    rows = [(f"**{f}** (family)", f) for f in FAMILIES]
     rows += [(g, g) for g in _kind_groups(kinds)]
-    for label, prefix in rows:
-        a, b = _auroc(kinds, old, prefix), _auroc(kinds, new, prefix)
+    for label, group in rows:
+        a, b = _auroc(kinds, old, group), _auroc(kinds, new, group)
         lines.append(f"| {label} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
     return [*lines, ""]
 

@@ -477,7 +477,7 @@ def user_intro(manifest: Manifest) -> str:
         "per-layer mean, spread and maximum over all labels, the peers' cheap signals "
         "(max softmax, energy, max logit, top-two logit margin, KNN and Mahalanobis "
         "distances), and statistics of the image (brightness, clipping, sharpness, noise, "
-        "colour, JPEG blocks) only as "
+        "colour, JPEG blocks, the outer frame's brightness) only as "
         "z-scores against the user's clean training images, with their distance from them, "
         "and where the image puts its brightness and detail on an 8×8 grid, cell by cell "
         "against where the clean images put theirs: nothing assumes a background, a size or "
